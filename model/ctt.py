@@ -1,0 +1,332 @@
+"""The continual tiny transformer: one frozen encoder, one tiny module per task.
+
+Each task owns (IA)^3-style scaling vectors for the attention keys, the attention values and the
+feed-forward activations of every layer (initialised to ones, i.e. the bare backbone), plus a
+linear head on the masked mean-pooled output. The vectors of all tasks sit stacked in a bank, so
+one forward pass serves a batch whose rows belong to different tasks: each row gathers its own
+task's vectors. Adding or replacing a task builds a new bank and never writes into the old one,
+which is why learning task N cannot change what tasks 1..N-1 predict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.backbone import Backbone, load_verified_backbone
+from model.errors import CTTError
+
+DEFAULT_MAX_TASKS = 50
+DEFAULT_MAX_LENGTH = 64
+TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WEIGHTS_FILE = "tasks.safetensors"
+CONFIG_FILE = "ctt.json"
+FORMAT_VERSION = 1
+
+
+def max_tasks_from_env() -> int:
+    raw = os.environ.get("MAX_TASKS", str(DEFAULT_MAX_TASKS))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise CTTError(f"MAX_TASKS must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise CTTError(f"MAX_TASKS must be at least 1, got {value}")
+    return value
+
+
+def check_task_name(name: str) -> str:
+    if not TASK_NAME_PATTERN.match(name or ""):
+        raise CTTError(
+            f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+# The scaling hooks live on the shared encoder; which vectors they apply is per call and per
+# thread, so several models (or serving threads) can share one loaded backbone safely.
+_active_scales = threading.local()
+SITES = ("key", "value", "ffn")
+
+
+@contextmanager
+def scaling(key: torch.Tensor, value: torch.Tensor, ffn: torch.Tensor) -> Iterator[None]:
+    """Apply per-row scales, each shaped (rows or 1, layers, width), inside this block."""
+    previous = getattr(_active_scales, "scales", None)
+    _active_scales.scales = {"key": key, "value": value, "ffn": ffn}
+    try:
+        yield
+    finally:
+        _active_scales.scales = previous
+
+
+def _scaling_hook(site: str, layer: int):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        scales = getattr(_active_scales, "scales", None)
+        if scales is None:
+            return output
+        return output * scales[site][:, layer].unsqueeze(1)
+
+    return hook
+
+
+def install_scaling_hooks(encoder: nn.Module) -> None:
+    if getattr(encoder, "_ctt_hooks_installed", False):
+        return
+    for index, layer in enumerate(encoder.encoder.layer):
+        layer.attention.self.key.register_forward_hook(_scaling_hook("key", index))
+        layer.attention.self.value.register_forward_hook(_scaling_hook("value", index))
+        # BertIntermediate returns act(W1 x): scaling its output is (IA)^3's l_ff.
+        layer.intermediate.register_forward_hook(_scaling_hook("ffn", index))
+    encoder._ctt_hooks_installed = True
+
+
+class TaskModule(nn.Module):
+    """The only trainable part of a task: kilobytes, not megabytes."""
+
+    def __init__(self, num_layers: int, hidden: int, intermediate: int, num_labels: int):
+        super().__init__()
+        self.key = nn.Parameter(torch.ones(num_layers, hidden))
+        self.value = nn.Parameter(torch.ones(num_layers, hidden))
+        self.ffn = nn.Parameter(torch.ones(num_layers, intermediate))
+        self.head = nn.Linear(hidden, num_labels)
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, num_labels: int) -> "TaskModule":
+        info = backbone.info
+        return cls(info.num_layers, info.hidden_size, info.intermediate_size, num_labels)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class Task:
+    name: str
+    labels: list[str]
+    info: dict = field(default_factory=dict)  # sizes, accuracies, the version it was learned in
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "labels": self.labels, "info": self.info}
+
+
+@dataclass
+class Prediction:
+    task: str
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class ContinualTinyTransformer(nn.Module):
+    def __init__(
+        self,
+        backbone: Backbone,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_tasks: int | None = None,
+        tasks: Sequence[Task] = (),
+        bank: dict[str, torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = backbone.encoder
+        self.tokenizer = backbone.tokenizer
+        self.max_length = max_length
+        self.max_tasks = max_tasks if max_tasks is not None else max_tasks_from_env()
+        self.tasks = list(tasks)
+        if len(self.tasks) > self.max_tasks:
+            raise CTTError(
+                f"model holds {len(self.tasks)} tasks but MAX_TASKS is {self.max_tasks}"
+            )
+        self._index = {task.name: i for i, task in enumerate(self.tasks)}
+        info = backbone.info
+        self.bank = bank or {
+            "key": torch.empty(0, info.num_layers, info.hidden_size),
+            "value": torch.empty(0, info.num_layers, info.hidden_size),
+            "ffn": torch.empty(0, info.num_layers, info.intermediate_size),
+            "head_weight": torch.empty(0, 0, info.hidden_size),
+            "head_bias": torch.empty(0, 0),
+        }
+        self.label_mask = torch.zeros(len(self.tasks), self.bank["head_bias"].shape[1], dtype=torch.bool)
+        for i, task in enumerate(self.tasks):
+            self.label_mask[i, : len(task.labels)] = True
+        install_scaling_hooks(self.encoder)
+
+    # ----- tasks -------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def task(self, name: str) -> Task:
+        return self.tasks[self.task_index(name)]
+
+    def task_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            known = ", ".join(self.task_names) or "none"
+            raise CTTError(f"unknown task {name!r}; known tasks: {known}") from None
+
+    def with_task(self, task: Task, module: TaskModule) -> "ContinualTinyTransformer":
+        """A new model with ``task`` added (or replaced, if the name exists); self is untouched."""
+        check_task_name(task.name)
+        replacing = task.name in self._index
+        if not replacing and len(self.tasks) + 1 > self.max_tasks:
+            raise CTTError(
+                f"cannot add task {task.name!r}: the model already holds {len(self.tasks)} tasks "
+                f"and MAX_TASKS is {self.max_tasks} (raise MAX_TASKS to allow more)"
+            )
+        num_labels = len(task.labels)
+        if module.head.out_features != num_labels:
+            raise CTTError(f"task {task.name!r} has {num_labels} labels but its head has "
+                           f"{module.head.out_features} outputs")
+        width = max(self.bank["head_bias"].shape[1], num_labels)
+        old_count = len(self.tasks)
+        row = self._index[task.name] if replacing else old_count
+        count = old_count if replacing else old_count + 1
+        hidden = self.backbone.info.hidden_size
+
+        head_weight = torch.zeros(count, width, hidden)
+        head_bias = torch.zeros(count, width)
+        head_weight[:old_count, : self.bank["head_weight"].shape[1]] = self.bank["head_weight"]
+        head_bias[:old_count, : self.bank["head_bias"].shape[1]] = self.bank["head_bias"]
+        head_weight[row] = 0.0
+        head_bias[row] = 0.0
+        with torch.no_grad():
+            head_weight[row, :num_labels] = module.head.weight.detach()
+            head_bias[row, :num_labels] = module.head.bias.detach()
+
+        bank = {"head_weight": head_weight, "head_bias": head_bias}
+        for site in SITES:
+            stacked = self.bank[site]
+            new_row = getattr(module, site).detach().clone().unsqueeze(0)
+            if replacing:
+                stacked = torch.cat([stacked[:row], new_row, stacked[row + 1 :]])
+            else:
+                stacked = torch.cat([stacked, new_row])
+            bank[site] = stacked
+        tasks = list(self.tasks)
+        if replacing:
+            tasks[row] = task
+        else:
+            tasks.append(task)
+        return ContinualTinyTransformer(self.backbone, self.max_length, self.max_tasks, tasks, bank)
+
+    def task_module(self, name: str) -> TaskModule:
+        """A trainable copy of one task's module (e.g. to fine-tune it further)."""
+        row = self.task_index(name)
+        num_labels = len(self.tasks[row].labels)
+        module = TaskModule.for_backbone(self.backbone, num_labels)
+        with torch.no_grad():
+            for site in SITES:
+                getattr(module, site).copy_(self.bank[site][row])
+            module.head.weight.copy_(self.bank["head_weight"][row, :num_labels])
+            module.head.bias.copy_(self.bank["head_bias"][row, :num_labels])
+        return module
+
+    def task_module_parameters(self, num_labels: int) -> int:
+        return TaskModule.for_backbone(self.backbone, num_labels).num_parameters()
+
+    # ----- forward -----------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return masked_mean(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                task_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, widest label set); classes a row's task lacks are -inf."""
+        with scaling(self.bank["key"][task_ids], self.bank["value"][task_ids],
+                     self.bank["ffn"][task_ids]):
+            pooled = self.pooled(input_ids, attention_mask)
+        # An elementwise product summed over the hidden axis keeps each row's logits independent
+        # of how many classes other tasks have, so adding a task cannot perturb old logits.
+        logits = (self.bank["head_weight"][task_ids] * pooled.unsqueeze(1)).sum(-1)
+        logits = logits + self.bank["head_bias"][task_ids]
+        return logits.masked_fill(~self.label_mask[task_ids], float("-inf"))
+
+    def forward_module(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       module: TaskModule) -> torch.Tensor:
+        """Training path: every row uses the one task module being learned."""
+        with scaling(module.key.unsqueeze(0), module.value.unsqueeze(0), module.ffn.unsqueeze(0)):
+            pooled = self.pooled(input_ids, attention_mask)
+        return module.head(pooled)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Mean-pooled embeddings of the bare backbone (no task scaling): the probe's features."""
+        chunks = [self.pooled(**self.tokenize(texts[i : i + batch_size]))
+                  for i in range(0, len(texts), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.backbone.info.hidden_size)
+
+    @torch.inference_mode()
+    def logits(self, texts: Sequence[str], task_names: Sequence[str]) -> torch.Tensor:
+        task_ids = torch.tensor([self.task_index(name) for name in task_names], dtype=torch.long)
+        return self(**self.tokenize(texts), task_ids=task_ids)
+
+    def predict(self, texts: Sequence[str], task_names: Sequence[str],
+                batch_size: int = 32) -> list[Prediction]:
+        predictions: list[Prediction] = []
+        for start in range(0, len(texts), batch_size):
+            names = task_names[start : start + batch_size]
+            probabilities = torch.softmax(self.logits(texts[start : start + batch_size], names), -1)
+            for name, row in zip(names, probabilities):
+                labels = self.task(name).labels
+                best = int(row.argmax())
+                predictions.append(Prediction(
+                    task=name, label=labels[best], score=float(row[best]),
+                    probabilities={label: float(p) for label, p in zip(labels, row)},
+                ))
+        return predictions
+
+    # ----- persistence -------------------------------------------------------------------
+    def bank_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.bank.values())
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in self.bank.items()},
+                  str(folder / WEIGHTS_FILE))
+        config = {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone.info.to_dict(),
+            "max_length": self.max_length,
+            "tasks": [task.to_dict() for task in self.tasks],
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path, max_tasks: int | None = None) -> "ContinualTinyTransformer":
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            bank = load_file(str(folder / WEIGHTS_FILE))
+        except (OSError, ValueError) as exc:
+            raise CTTError(f"{folder} is not a readable CTT model: {exc}") from exc
+        if config.get("format_version") != FORMAT_VERSION:
+            raise CTTError(f"unsupported CTT model format {config.get('format_version')!r}")
+        backbone_info = config["backbone"]
+        backbone = load_verified_backbone(backbone_info["spec"], backbone_info["digest"])
+        tasks = [Task(t["name"], t["labels"], t.get("info", {})) for t in config["tasks"]]
+        return cls(backbone, config["max_length"], max_tasks, tasks, bank)

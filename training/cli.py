@@ -1,0 +1,227 @@
+"""``ctt``: learn tasks, inspect versions, evaluate, predict, build the demo, render deployments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from model.errors import CTTError
+
+# Quiet third-party chatter before anything imports them; our own progress goes to stderr.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def _fraction(value: str) -> float:
+    return float(value)
+
+
+def _print_json(document) -> None:
+    print(json.dumps(document, indent=2, default=str))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(headers: list[str], rows: list[list], stream=sys.stdout) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)), file=stream)
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=stream)
+
+
+# ----- commands ---------------------------------------------------------------------------
+def cmd_learn(args) -> int:
+    from training.learn import LearnSettings, learn
+
+    settings = LearnSettings(
+        epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+        patience=args.patience, holdout=args.holdout, max_forgetting=args.max_forgetting,
+        min_accuracy=args.min_accuracy, backbone=args.backbone, max_length=args.max_length,
+        stage=args.stage, progress=not args.quiet,
+        **({"owner": args.owner} if args.owner else {}),
+    )
+    report = learn(args.task, args.train, args.eval, args.from_tag, settings)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    if report.replaced:
+        print(f"replaced the existing task {report.task!r} (its old module is gone from this version)",
+              file=sys.stderr)
+    rows = [[name, report.accuracy[name], report.learned_accuracy[name], report.probe_accuracy.get(name),
+             report.forgetting.get(name)] for name in report.tasks]
+    _table(["task", "accuracy", "when learned", "probe", "forgetting"], rows, stream=sys.stderr)
+    print(f"mean accuracy {_fmt(report.mean_accuracy)}, BWT {_fmt(report.bwt)}; task module "
+          f"{report.module_parameters} parameters ({report.module_bytes / 1024:.1f} KiB, "
+          f"{100 * report.module_parameters / report.backbone_parameters:.3f} % of the backbone); "
+          f"{report.seconds:.1f} s", file=sys.stderr)
+    print(report.tag)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from model.store import list_versions
+
+    versions = list_versions()
+    if args.json:
+        _print_json([{"tag": v.tag, "created": v.created, "parent": v.parent, "labels": v.labels,
+                      "tasks": v.metadata.get("tasks", []), "new_task": v.metadata.get("new_task"),
+                      "accuracy": v.metadata.get("accuracy", {}),
+                      "mean_accuracy": v.metadata.get("mean_accuracy"), "bwt": v.metadata.get("bwt"),
+                      "backbone": v.metadata.get("backbone"), "path": str(v.path)} for v in versions])
+        return 0
+    if not versions:
+        print("no versions in the model store yet: run 'ctt learn' or 'ctt demo'", file=sys.stderr)
+        return 0
+    _table(["tag", "created", "tasks", "mean acc", "BWT", "parent"],
+           [[v.tag, v.created[:19], ",".join(v.metadata.get("tasks", [])), v.metadata.get("mean_accuracy"),
+             v.metadata.get("bwt"), v.parent] for v in versions])
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from model.store import get_version
+    from training.data import label_set, read_labelled
+    from training.evaluate import accuracy
+
+    examples = read_labelled(args.data)
+    version = get_version(args.model)
+    model = version.load()
+    known = model.task(args.task).labels
+    unknown = sorted(set(label_set(examples)) - set(known))
+    if unknown:
+        raise CTTError(f"{args.data}: labels {unknown} are not labels of task {args.task!r} ({known})")
+    score = accuracy(model, args.task, examples, progress=not args.json)
+    if args.json:
+        _print_json({"tag": version.tag, "task": args.task, "examples": len(examples), "accuracy": score})
+    else:
+        print(f"{version.tag}  task {args.task}: accuracy {score:.4f} on {len(examples)} examples")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from model.store import get_version
+
+    if not args.text.strip():
+        raise CTTError("--text is empty")
+    version = get_version(args.model)
+    prediction = version.load().predict([args.text], [args.task])[0]
+    if args.json:
+        _print_json({"tag": version.tag, **prediction.__dict__})
+    else:
+        print(f"{prediction.label}\t{prediction.score:.4f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from model.store import has_versions, list_versions
+    from training.demo import build_demo_model
+
+    if args.if_missing and has_versions():
+        print(f"model store already has {list_versions()[0].tag}; not rebuilding the demo", file=sys.stderr)
+        return 0
+    reports = build_demo_model(args.backbone, args.train_limit, progress=not args.quiet)
+    for report in reports:
+        print(f"{report.tag}  {report.task}: accuracy {report.accuracy[report.task]:.4f} "
+              f"(probe {report.probe_accuracy[report.task]:.4f})", file=sys.stderr)
+    print(reports[-1].tag)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from training.demo import DERIVED_TASKS, export_tasks
+
+    names = tuple(args.tasks or DERIVED_TASKS)
+    for name, (train, test) in export_tasks(Path(args.out), names, args.train_limit, args.test_limit).items():
+        print(f"{name}\t{train}\t{test}")
+    return 0
+
+
+# ----- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("learn", help="learn a task on top of the latest version and register a new one")
+    p.add_argument("--task", required=True, help="task name (re-using a name replaces that task)")
+    p.add_argument("--train", required=True, help="labelled JSONL or CSV file (text, label)")
+    p.add_argument("--eval", help="labelled evaluation file (default: a stratified held-out slice of --train)")
+    p.add_argument("--from", dest="from_tag", help="start from this version instead of the latest")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=1, help="epochs without improvement before stopping")
+    p.add_argument("--holdout", type=_fraction, default=0.15, help="share of --train held out for early stopping")
+    p.add_argument("--max-forgetting", type=_fraction, default=0.0,
+                   help="refuse to register if an old task's accuracy drops by more than this")
+    p.add_argument("--min-accuracy", type=_fraction, default=0.0,
+                   help="refuse to register if the new task scores below this")
+    p.add_argument("--backbone", help="for a first version: 'minilm' (default), 'micro', or a model folder")
+    p.add_argument("--max-length", type=int, default=64, help="for a first version: tokens per text")
+    p.add_argument("--stage", default="development", help="stage label on the version")
+    p.add_argument("--owner", help="owner label on the version (default: $USER)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.set_defaults(run=cmd_learn)
+
+    p = sub.add_parser("models", help="list versions, newest first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_models)
+
+    p = sub.add_parser("evaluate", help="accuracy of one task on a labelled file")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", help="version tag (default: latest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label and score for one text")
+    p.add_argument("--task", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--model", help="version tag (default: latest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("demo", help="build the default demo model from the BBC News corpus")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when the store has a version")
+    p.add_argument("--backbone", help="backbone for the demo (default: minilm)")
+    p.add_argument("--train-limit", type=int, default=1000, help="training examples per task")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("data", help="export the BBC-derived labelled files (train/test JSONL)")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--tasks", nargs="*", help="which derived tasks (default: all)")
+    p.add_argument("--train-limit", type=int, default=1000)
+    p.add_argument("--test-limit", type=int, default=400)
+    p.set_defaults(run=cmd_data)
+
+    try:
+        from deploy.cli import add_deploy_parser
+    except ImportError:
+        pass
+    else:
+        add_deploy_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CTTError as exc:
+        print(f"ctt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctt: interrupted; nothing was registered", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Measuring tasks, and the continual-learning metrics in Avalanche's vocabulary.
+
+accuracy matrix  R[i][j]: accuracy on task j measured right after learning experience i
+forgetting       for an old task: its accuracy when it was (last) learned minus its accuracy now
+BWT              backward transfer, the mean over old tasks of (accuracy now - accuracy when
+                 learned), i.e. minus the mean forgetting (Lopez-Paz & Ranzato, 2017)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from model.ctt import ContinualTinyTransformer
+from training.data import Example
+
+
+@torch.inference_mode()
+def accuracy(model: ContinualTinyTransformer, task: str, examples: list[Example],
+             batch_size: int = 64, progress: bool = False) -> float:
+    labels = model.task(task).labels
+    label_index = {label: i for i, label in enumerate(labels)}
+    correct = 0
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=f"evaluate {task}", disable=not progress, leave=False, unit="batch"):
+        batch = examples[start : start + batch_size]
+        logits = model.logits([e.text for e in batch], [task] * len(batch))
+        predicted = logits.argmax(-1).tolist()
+        correct += sum(label_index.get(e.label, -1) == p for e, p in zip(batch, predicted))
+    return correct / len(examples) if examples else 0.0
+
+
+@dataclass
+class ContinualMetrics:
+    accuracy: dict[str, float]
+    learned_accuracy: dict[str, float]
+    forgetting: dict[str, float]
+    mean_accuracy: float
+    mean_forgetting: float | None
+    bwt: float | None
+
+
+def continual_metrics(accuracy_now: dict[str, float], learned_accuracy: dict[str, float],
+                      new_task: str) -> ContinualMetrics:
+    old_tasks = [name for name in accuracy_now if name != new_task]
+    forgetting = {name: learned_accuracy[name] - accuracy_now[name] for name in old_tasks}
+    mean_forgetting = sum(forgetting.values()) / len(old_tasks) if old_tasks else None
+    return ContinualMetrics(
+        accuracy=accuracy_now,
+        learned_accuracy=learned_accuracy,
+        forgetting=forgetting,
+        mean_accuracy=sum(accuracy_now.values()) / len(accuracy_now),
+        mean_forgetting=mean_forgetting,
+        bwt=-mean_forgetting if mean_forgetting is not None else None,
+    )

@@ -1,0 +1,288 @@
+"""Learn one task on top of a model version, measure every task, register a new version.
+
+Read top to bottom: settings → data → starting point → probe → training with early stopping →
+evaluation of every task → quality gate → registration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model.backbone import DEFAULT_BACKBONE, load_backbone
+from model.ctt import DEFAULT_MAX_LENGTH, ContinualTinyTransformer, Task, TaskModule, check_task_name
+from model.errors import CTTError
+from model.store import METRICS_FILE, Version, get_version, has_versions, register_version
+from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
+from training.evaluate import accuracy, continual_metrics
+from training.probe import fit_probe
+from training.report import write_accuracy_matrix_plot
+
+
+@dataclass
+class LearnSettings:
+    epochs: int = 4
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    seed: int = 0
+    patience: int = 1  # epochs without a better held-out score before stopping
+    holdout: float = 0.15  # share of the training file held out for early stopping
+    max_eval_examples: int = 1000  # evaluation set kept with the version, stratified
+    max_forgetting: float = 0.0
+    min_accuracy: float = 0.0
+    backbone: str | None = None  # only for a model started from the bare backbone
+    max_length: int = DEFAULT_MAX_LENGTH  # only for a model started from the bare backbone
+    stage: str = "development"
+    owner: str = field(default_factory=lambda: os.environ.get("USER") or "unknown")
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise CTTError("--epochs, --batch-size and --patience must be at least 1")
+        if not 0.0 < self.holdout < 1.0:
+            raise CTTError("--holdout must be between 0 and 1")
+        if self.learning_rate <= 0:
+            raise CTTError("--lr must be positive")
+        if not 0.0 <= self.max_forgetting <= 1.0 or not 0.0 <= self.min_accuracy <= 1.0:
+            raise CTTError("--max-forgetting and --min-accuracy are fractions between 0 and 1")
+        if self.max_length < 8:
+            raise CTTError("--max-length must be at least 8 tokens")
+
+
+@dataclass
+class LearnReport:
+    tag: str
+    parent: str | None
+    task: str
+    replaced: bool
+    tasks: list[str]
+    labels: list[str]
+    accuracy: dict[str, float]
+    learned_accuracy: dict[str, float]
+    probe_accuracy: dict[str, float]
+    forgetting: dict[str, float]
+    mean_accuracy: float
+    mean_forgetting: float | None
+    bwt: float | None
+    accuracy_matrix: dict
+    epochs_run: int
+    best_epoch: int
+    train_examples: int
+    eval_examples: int
+    module_parameters: int
+    module_bytes: int
+    backbone_parameters: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _say(settings: LearnSettings, message: str) -> None:
+    if settings.progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def starting_point(from_tag: str | None, settings: LearnSettings) -> tuple[ContinualTinyTransformer, Version | None]:
+    if from_tag or has_versions():
+        parent = get_version(from_tag)
+        model = parent.load()
+        if settings.backbone and settings.backbone != model.backbone.info.spec:
+            raise CTTError(
+                f"--backbone {settings.backbone!r} differs from {parent.tag}'s backbone "
+                f"{model.backbone.info.spec!r}; a version cannot change its backbone"
+            )
+        return model, parent
+    backbone = load_backbone(settings.backbone or DEFAULT_BACKBONE)
+    return ContinualTinyTransformer(backbone, settings.max_length), None
+
+
+def _batches(examples: list[Example], batch_size: int, generator: torch.Generator | None):
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+@torch.no_grad()
+def _held_out_score(model, module, examples, label_index, batch_size=64) -> tuple[float, float]:
+    correct, loss = 0, 0.0
+    for batch in _batches(examples, batch_size, None):
+        logits = model.forward_module(**model.tokenize([e.text for e in batch]), module=module)
+        targets = torch.tensor([label_index[e.label] for e in batch])
+        loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+    return correct / len(examples), loss / len(examples)
+
+
+def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: list[Example],
+                      held_out: list[Example], settings: LearnSettings) -> tuple[TaskModule, dict]:
+    label_index = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    module = TaskModule.for_backbone(model.backbone, len(labels))
+
+    _say(settings, f"probe: logistic regression on frozen embeddings of {len(fit)} examples")
+    probe = fit_probe(model.embed([e.text for e in fit]),
+                      torch.tensor([label_index[e.label] for e in fit]), len(labels))
+    with torch.no_grad():
+        module.head.weight.copy_(probe.weight)
+        module.head.bias.copy_(probe.bias)
+
+    optimiser = torch.optim.Adam(module.parameters(), lr=settings.learning_rate)
+    best_accuracy, best_loss = _held_out_score(model, module, held_out, label_index)
+    best_state, best_epoch, stale, epochs_run = copy.deepcopy(module.state_dict()), 0, 0, 0
+    _say(settings, f"epoch 0 (probe start): held-out accuracy {best_accuracy:.4f}")
+    for epoch in range(1, settings.epochs + 1):
+        module.train()
+        steps = tqdm(list(_batches(fit, settings.batch_size, generator)), desc=f"epoch {epoch}/{settings.epochs}",
+                     disable=not settings.progress, unit="batch", file=sys.stderr, mininterval=1.0)
+        for batch in steps:
+            logits = model.forward_module(**model.tokenize([e.text for e in batch]), module=module)
+            loss = F.cross_entropy(logits, torch.tensor([label_index[e.label] for e in batch]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+        epochs_run = epoch
+        held_accuracy, held_loss = _held_out_score(model, module, held_out, label_index)
+        _say(settings, f"epoch {epoch}: held-out accuracy {held_accuracy:.4f}, loss {held_loss:.4f}")
+        if (held_accuracy, -held_loss) > (best_accuracy, -best_loss):
+            best_accuracy, best_loss, best_epoch, stale = held_accuracy, held_loss, epoch, 0
+            best_state = copy.deepcopy(module.state_dict())
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                _say(settings, f"early stop: no better held-out score for {stale} epoch(s)")
+                break
+    module.load_state_dict(best_state)
+    return module, {"probe": probe, "best_epoch": best_epoch, "epochs_run": epochs_run}
+
+
+def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None = None,
+          from_tag: str | None = None, settings: LearnSettings | None = None) -> LearnReport:
+    settings = settings or LearnSettings()
+    settings.validate()
+    started = time.perf_counter()
+    check_task_name(task_name)
+
+    # Data: check everything before any expensive step.
+    examples = read_training_file(train_path)
+    labels = label_set(examples)
+    fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
+    if eval_path is not None:
+        evaluation = read_labelled(eval_path)
+        unseen = sorted(set(label_set(evaluation)) - set(labels))
+        if unseen:
+            raise CTTError(f"{eval_path}: labels {unseen} never appear in the training file {train_path}")
+    else:
+        evaluation = held_out
+    evaluation = cap_stratified(evaluation, settings.max_eval_examples, settings.seed)
+
+    base, parent = starting_point(from_tag, settings)
+    replaced = task_name in base.task_names
+    if not replaced and len(base.tasks) >= base.max_tasks:
+        raise CTTError(f"cannot add task {task_name!r}: the model already holds {len(base.tasks)} "
+                       f"tasks and MAX_TASKS is {base.max_tasks} (raise MAX_TASKS to allow more)")
+    _say(settings, f"{'re-learning (replacing)' if replaced else 'learning'} task {task_name!r} "
+                   f"from {parent.tag if parent else 'the bare backbone ' + base.backbone.info.spec}: "
+                   f"{len(labels)} labels, {len(fit)} training / {len(held_out)} held-out / "
+                   f"{len(evaluation)} evaluation examples")
+
+    module, training = train_task_module(base, labels, fit, held_out, settings)
+    probe = training["probe"]
+    label_index = {label: i for i, label in enumerate(labels)}
+    probe_accuracy = probe.accuracy(base.embed([e.text for e in evaluation]),
+                                    torch.tensor([label_index[e.label] for e in evaluation]))
+
+    # Evaluate every task on its own stored evaluation set: old numbers are measured, not copied.
+    previous_info = {t.name: t.info for t in base.tasks}
+    task = Task(task_name, labels, {
+        "train_examples": len(fit), "held_out_examples": len(held_out),
+        "eval_examples": len(evaluation), "probe_accuracy": probe_accuracy,
+    })
+    model = base.with_task(task, module)
+    eval_sets = [
+        evaluation if t.name == task_name else [Example(**e) for e in parent.eval_set(base.task_index(t.name))]
+        for t in model.tasks
+    ]
+    measured = {t.name: accuracy(model, t.name, examples_, progress=settings.progress)
+                for t, examples_ in zip(model.tasks, eval_sets)}
+    task.info["learned_accuracy"] = measured[task_name]
+    learned = {name: (measured[name] if name == task_name else previous_info[name]["learned_accuracy"])
+               for name in measured}
+    metrics = continual_metrics(measured, learned, task_name)
+
+    # Quality gate: compare with what the parent version measured, before anything is written.
+    parent_metrics = parent.metrics() if parent else {}
+    parent_accuracy = parent_metrics.get("accuracy", {})
+    for name, now in measured.items():
+        if name == task_name or name not in parent_accuracy:
+            continue
+        drop = parent_accuracy[name] - now
+        if drop > settings.max_forgetting + 1e-12:
+            raise CTTError(f"refusing to register: task {name!r} accuracy fell from "
+                           f"{parent_accuracy[name]:.4f} to {now:.4f} (--max-forgetting {settings.max_forgetting})")
+    if measured[task_name] < settings.min_accuracy:
+        raise CTTError(f"refusing to register: task {task_name!r} scored {measured[task_name]:.4f}, "
+                       f"below --min-accuracy {settings.min_accuracy}")
+
+    probe_line = {t.name: t.info.get("probe_accuracy") for t in model.tasks}
+    matrix = copy.deepcopy(parent_metrics.get("accuracy_matrix", {"tasks": [], "rows": []}))
+    matrix["tasks"] = model.task_names
+
+    def write_metrics(folder: Path, tag: str) -> dict:
+        matrix["rows"].append({"version": tag, "learned": task_name, "accuracy": measured})
+        document = {
+            "tag": tag, "parent": parent.tag if parent else None, "new_task": task_name,
+            "replaced": replaced, "accuracy": measured, "learned_accuracy": learned,
+            "probe_accuracy": probe_line, "forgetting": metrics.forgetting,
+            "mean_accuracy": metrics.mean_accuracy, "mean_forgetting": metrics.mean_forgetting,
+            "bwt": metrics.bwt, "accuracy_matrix": matrix,
+            "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
+                         "settings": {k: v for k, v in asdict(settings).items() if k != "progress"}},
+        }
+        (folder / METRICS_FILE).write_text(json.dumps(document, indent=2))
+        write_accuracy_matrix_plot(matrix, probe_line, folder / "accuracy_matrix.png")
+        return {}
+
+    module_parameters = module.num_parameters()
+    version = register_version(
+        model,
+        eval_sets=[[e.to_dict() for e in s] for s in eval_sets],
+        metadata={
+            "parent": parent.tag if parent else None,
+            "new_task": task_name,
+            "replaced": replaced,
+            "tasks": model.task_names,
+            "backbone": model.backbone.info.spec,
+            "backbone_digest": model.backbone.info.digest,
+            "max_length": model.max_length,
+            "accuracy": measured,
+            "mean_accuracy": metrics.mean_accuracy,
+            "bwt": metrics.bwt,
+        },
+        labels={"stage": settings.stage, "owner": settings.owner, "task": task_name},
+        write_extra=write_metrics,
+    )
+    return LearnReport(
+        tag=version.tag, parent=parent.tag if parent else None, task=task_name, replaced=replaced,
+        tasks=model.task_names, labels=labels, accuracy=measured, learned_accuracy=learned,
+        probe_accuracy=probe_line, forgetting=metrics.forgetting,
+        mean_accuracy=metrics.mean_accuracy, mean_forgetting=metrics.mean_forgetting, bwt=metrics.bwt,
+        accuracy_matrix=version.metrics().get("accuracy_matrix", matrix),
+        epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
+        train_examples=len(fit), eval_examples=len(evaluation),
+        module_parameters=module_parameters, module_bytes=module_parameters * 4,
+        backbone_parameters=model.backbone.info.parameters,
+        seconds=time.perf_counter() - started,
+    )
