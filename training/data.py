@@ -23,10 +23,6 @@ class Example:
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise CTTError(f"{path}: no such file")
-    if not path.is_file():
-        raise CTTError(f"{path}: not a regular file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -78,6 +74,10 @@ def _read_csv(path: Path, content: str) -> list[Example]:
 
 def read_labelled(path: str | Path) -> list[Example]:
     path = Path(path)
+    if not path.exists():
+        raise CTTError(f"{path}: no such file")
+    if not path.is_file():
+        raise CTTError(f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix not in {".jsonl", ".json", ".ndjson", ".csv"}:
         raise CTTError(f"{path}: unknown format '{suffix or 'no extension'}' (use .jsonl or .csv)")

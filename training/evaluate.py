@@ -47,11 +47,13 @@ def continual_metrics(accuracy_now: dict[str, float], learned_accuracy: dict[str
     old_tasks = [name for name in accuracy_now if name != new_task]
     forgetting = {name: learned_accuracy[name] - accuracy_now[name] for name in old_tasks}
     mean_forgetting = sum(forgetting.values()) / len(old_tasks) if old_tasks else None
+    # Summed as (now - learned) rather than negated forgetting, so no change reads 0.0, not -0.0.
+    bwt = sum(accuracy_now[n] - learned_accuracy[n] for n in old_tasks) / len(old_tasks) if old_tasks else None
     return ContinualMetrics(
         accuracy=accuracy_now,
         learned_accuracy=learned_accuracy,
         forgetting=forgetting,
         mean_accuracy=sum(accuracy_now.values()) / len(accuracy_now),
         mean_forgetting=mean_forgetting,
-        bwt=-mean_forgetting if mean_forgetting is not None else None,
+        bwt=bwt,
     )

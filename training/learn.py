@@ -143,7 +143,9 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
     best_state, best_epoch, stale, epochs_run = copy.deepcopy(module.state_dict()), 0, 0, 0
     _say(settings, f"epoch 0 (probe start): held-out accuracy {best_accuracy:.4f}")
     for epoch in range(1, settings.epochs + 1):
-        module.train()
+        # The backbone's weights stay frozen, but its dropout regularises the task vectors as in
+        # ordinary fine-tuning; evaluation below runs with dropout off again.
+        model.encoder.train()
         steps = tqdm(list(_batches(fit, settings.batch_size, generator)), desc=f"epoch {epoch}/{settings.epochs}",
                      disable=not settings.progress, unit="batch", file=sys.stderr, mininterval=1.0)
         for batch in steps:
@@ -154,6 +156,7 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
             optimiser.step()
             steps.set_postfix(loss=f"{loss.item():.3f}")
         epochs_run = epoch
+        model.encoder.eval()
         held_accuracy, held_loss = _held_out_score(model, module, held_out, label_index)
         _say(settings, f"epoch {epoch}: held-out accuracy {held_accuracy:.4f}, loss {held_loss:.4f}")
         if (held_accuracy, -held_loss) > (best_accuracy, -best_loss):

@@ -24,7 +24,7 @@ class Probe:
     def accuracy(self, features: torch.Tensor, targets: torch.Tensor) -> float:
         if len(targets) == 0:
             return 0.0
-        return float((self.predict(features) == targets).float().mean())
+        return int((self.predict(features) == targets).sum()) / len(targets)
 
 
 def fit_probe(features: torch.Tensor, targets: torch.Tensor, num_labels: int,

@@ -1,0 +1,156 @@
+"""The model's promises: tiny task modules, mixed-task batches, zero interference between tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.backbone import load_backbone
+from model.ctt import ContinualTinyTransformer, Task, TaskModule, max_tasks_from_env
+from model.errors import CTTError
+
+TEXTS = ["the striker scored twice", "shares in the bank fell sharply after the results",
+         "is it raining?", "a long sentence " * 12, "tennis"]
+
+
+def random_module(backbone, num_labels: int, seed: int) -> TaskModule:
+    torch.manual_seed(seed)
+    module = TaskModule.for_backbone(backbone, num_labels)
+    with torch.no_grad():
+        for parameter in (module.key, module.value, module.ffn):
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    return module
+
+
+@pytest.fixture
+def micro():
+    return load_backbone("micro")
+
+
+def model_with(backbone, label_counts, max_tasks=None) -> ContinualTinyTransformer:
+    model = ContinualTinyTransformer(backbone, max_tasks=max_tasks)
+    for i, count in enumerate(label_counts):
+        model = model.with_task(Task(f"task{i}", [f"label{j}" for j in range(count)]),
+                                random_module(backbone, count, seed=i))
+    return model
+
+
+def test_task_module_is_below_a_thousandth_of_the_backbone(micro):
+    module = TaskModule.for_backbone(micro, 6)
+    assert module.num_parameters() < 0.001 * micro.info.parameters
+
+
+def test_mixed_task_batch_equals_each_row_alone(micro):
+    model = model_with(micro, [2, 3, 5])
+    names = ["task0", "task1", "task2", "task1", "task0"]
+    batched = model.logits(TEXTS, names)
+    for i, (text, name) in enumerate(zip(TEXTS, names)):
+        alone = model.logits([text], [name])
+        width = len(model.task(name).labels)
+        torch.testing.assert_close(batched[i, :width], alone[0, :width], rtol=0, atol=1e-5)
+        assert int(batched[i].argmax()) == int(alone[0].argmax())
+        assert torch.isinf(batched[i, width:]).all()
+
+
+def test_mixed_batch_equals_single_task_batches(micro):
+    model = model_with(micro, [2, 4])
+    names = ["task0", "task1"] * 2 + ["task0"]
+    mixed = model.logits(TEXTS, names)
+    for name in ("task0", "task1"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        same_texts_one_task = model.logits(TEXTS, [name] * len(TEXTS))
+        torch.testing.assert_close(mixed[rows], same_texts_one_task[rows], rtol=0, atol=1e-6)
+
+
+def test_adding_a_task_leaves_old_logits_bit_identical(micro):
+    before = model_with(micro, [2, 3])
+    names = ["task0", "task1", "task0", "task1", "task1"]
+    old_logits = before.logits(TEXTS, names)
+    old_bank = {k: v.clone() for k, v in before.bank.items()}
+    # A wider label set than any old task widens the head bank: old rows must not move.
+    after = before.with_task(Task("wide", [str(i) for i in range(9)]), random_module(micro, 9, seed=7))
+    new_logits = after.logits(TEXTS, names)
+    assert torch.equal(new_logits[:, : old_logits.shape[1]], old_logits)
+    for key, tensor in before.bank.items():
+        assert torch.equal(tensor, old_bank[key]), "with_task must not write into the old bank"
+    assert before.task_names == ["task0", "task1"]
+
+
+def test_replacing_a_task_changes_only_that_task(micro):
+    model = model_with(micro, [2, 3, 2])
+    replaced = model.with_task(Task("task1", ["x", "y"]), random_module(micro, 2, seed=99))
+    assert replaced.task_names == model.task_names
+    assert replaced.task("task1").labels == ["x", "y"]
+    for name in ("task0", "task2"):
+        assert torch.equal(replaced.logits(TEXTS, [name] * 5), model.logits(TEXTS, [name] * 5))
+    assert not torch.equal(replaced.logits(TEXTS, ["task1"] * 5)[:, :2], model.logits(TEXTS, ["task1"] * 5)[:, :2])
+
+
+def test_task_module_round_trips_through_the_bank(micro):
+    model = model_with(micro, [3])
+    module = model.task_module("task0")
+    again = ContinualTinyTransformer(micro).with_task(Task("task0", model.task("task0").labels), module)
+    assert torch.equal(again.logits(TEXTS, ["task0"] * 5), model.logits(TEXTS, ["task0"] * 5))
+
+
+def test_max_tasks_is_a_clear_error(micro):
+    model = model_with(micro, [2, 2], max_tasks=2)
+    with pytest.raises(CTTError, match="MAX_TASKS is 2"):
+        model.with_task(Task("third", ["a", "b"]), random_module(micro, 2, seed=3))
+    # Replacing an existing task is not growth.
+    model.with_task(Task("task0", ["a", "b"]), random_module(micro, 2, seed=3))
+
+
+def test_max_tasks_from_environment(monkeypatch):
+    monkeypatch.setenv("MAX_TASKS", "1000")
+    assert max_tasks_from_env() == 1000
+    monkeypatch.setenv("MAX_TASKS", "many")
+    with pytest.raises(CTTError, match="whole number"):
+        max_tasks_from_env()
+    monkeypatch.delenv("MAX_TASKS")
+    assert max_tasks_from_env() == 50
+
+
+def test_a_thousand_tasks_fit_when_allowed(micro):
+    model = ContinualTinyTransformer(micro, max_tasks=1000)
+    for i in range(1000):
+        model = model.with_task(Task(f"t{i}", ["a", "b"]), TaskModule.for_backbone(micro, 2))
+    logits = model.logits(TEXTS, ["t0", "t999", "t500", "t1", "t42"])
+    assert logits.shape == (5, 2)
+
+
+def test_unknown_task_lists_the_known_ones(micro):
+    model = model_with(micro, [2])
+    with pytest.raises(CTTError, match="unknown task 'nope'; known tasks: task0"):
+        model.logits(["x"], ["nope"])
+
+
+def test_invalid_task_name(micro):
+    with pytest.raises(CTTError, match="invalid task name"):
+        ContinualTinyTransformer(micro).with_task(Task("bad name!", ["a", "b"]), TaskModule.for_backbone(micro, 2))
+
+
+def test_save_and_load_give_identical_logits(micro, tmp_path):
+    model = model_with(micro, [2, 5])
+    model.save(tmp_path)
+    loaded = ContinualTinyTransformer.load(tmp_path)
+    names = ["task1", "task0", "task1", "task0", "task1"]
+    assert torch.equal(loaded.logits(TEXTS, names), model.logits(TEXTS, names))
+    assert loaded.task_names == model.task_names
+
+
+def test_load_refuses_a_backbone_digest_mismatch(micro, tmp_path):
+    model_with(micro, [2]).save(tmp_path)
+    config = json.loads((tmp_path / "ctt.json").read_text())
+    config["backbone"]["digest"] = "0" * 64
+    (tmp_path / "ctt.json").write_text(json.dumps(config))
+    with pytest.raises(CTTError, match="refusing to serve mismatched weights"):
+        ContinualTinyTransformer.load(tmp_path)
+
+
+def test_loading_more_tasks_than_max_tasks_fails_clearly(micro, tmp_path):
+    model_with(micro, [2, 2, 2]).save(tmp_path)
+    with pytest.raises(CTTError, match="MAX_TASKS is 2"):
+        ContinualTinyTransformer.load(tmp_path, max_tasks=2)

@@ -1,0 +1,232 @@
+"""The BentoML service as a real `bentoml serve` process, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+
+import httpx
+import jwt
+import pytest
+from openapi_spec_validator import OpenAPIV31SpecValidator
+
+from model import store
+from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, write_jsonl
+from tests.serving import bentoml_serve
+from training.learn import LearnSettings, learn
+
+API_KEY = "test-key-" + uuid.uuid4().hex
+JWT_SECRET = "jwt-secret-" + uuid.uuid4().hex
+TEXTS = SPORT + MONEY + QUESTION + STATEMENT
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A three-task micro model registered under its own name in the test store."""
+    name = f"ctt-serve-{uuid.uuid4().hex[:8]}"
+    previous = os.environ.get("CTT_MODEL_NAME")
+    os.environ["CTT_MODEL_NAME"] = name
+    folder = tmp_path_factory.mktemp("serve-data")
+    settings = LearnSettings(backbone="micro", epochs=1, progress=False)
+    learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]),
+          settings=settings)
+    learn("question", write_jsonl(folder / "q.jsonl", [(t, "q") for t in QUESTION] + [(t, "s") for t in STATEMENT]),
+          settings=settings)
+    learn("length", write_jsonl(folder / "l.jsonl", [(t, "short" if len(t) < 20 else "long") for t in TEXTS]),
+          settings=settings)
+    version = store.get_version()
+    yield name, version
+    if previous is None:
+        os.environ.pop("CTT_MODEL_NAME", None)
+    else:
+        os.environ["CTT_MODEL_NAME"] = previous
+
+
+@pytest.fixture(scope="module")
+def server(served_model, tmp_path_factory):
+    name, _ = served_model
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with bentoml_serve(env={"CTT_MODEL_NAME": name, "CTT_MAX_ITEMS": "16", "CTT_MAX_TEXT_CHARS": "500",
+                            "API_KEY": "", "JWT_SECRET": "", "ENVIRONMENT": "test"}, log_path=log) as url:
+        yield url, log
+
+
+def classify(url, items, **kwargs):
+    return httpx.post(f"{url}/classify", json={"items": items}, timeout=30, **kwargs)
+
+
+async def _many(url: str, bodies: list[list[dict]]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(client.post(f"{url}/classify", json={"items": b}) for b in bodies))
+
+
+def test_concurrent_mixed_task_requests_match_the_in_process_model(server, served_model):
+    url, _ = server
+    model = served_model[1].load()
+    tasks = model.task_names
+    bodies = [[{"text": TEXTS[(i * 3 + j) % len(TEXTS)], "task": tasks[(i + j) % len(tasks)]} for j in range(1 + i % 3)]
+              for i in range(96)]
+    responses = asyncio.run(_many(url, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for body, response in zip(bodies, responses):
+        expected = model.predict([item["text"] for item in body], [item["task"] for item in body])
+        for got, want in zip(response.json(), expected):
+            assert got["task"] == want.task and got["label"] == want.label
+            assert got["score"] == pytest.approx(want.score, abs=1e-4)
+
+    metrics = httpx.get(f"{url}/metrics").text
+    count = float(re.search(r"^ctt_forward_batch_items_count (\S+)", metrics, re.M).group(1))
+    total = float(re.search(r"^ctt_forward_batch_items_sum (\S+)", metrics, re.M).group(1))
+    assert total == sum(len(b) for b in bodies)
+    assert count < len(bodies), "requests were never merged into one forward pass"
+    singles = float(re.search(r'^ctt_forward_batch_items_bucket\{le="1.0"\} (\S+)', metrics, re.M).group(1))
+    assert singles < count, "no forward pass held more than one item"
+
+
+def test_probabilities_on_request(server):
+    url, _ = server
+    got = classify(url, [{"text": "goal", "task": "topic", "probabilities": True}, {"text": "goal", "task": "topic"}]).json()
+    assert set(got[0]["probabilities"]) == {"money", "sport"}
+    assert sum(got[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert got[0]["probabilities"][got[0]["label"]] == pytest.approx(got[0]["score"])
+    assert got[1]["probabilities"] is None
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"items": [{"text": "goal", "task": "weather"}]}, "unknown task 'weather'; known tasks: topic, question, length"),
+    ({"items": [{"text": "   ", "task": "topic"}]}, "text is empty"),
+    ({"items": [{"text": "x" * 501, "task": "topic"}]}, "the limit is 500"),
+    ({"items": []}, "at least 1 item"),
+    ({"items": [{"text": "goal", "task": "topic"}] * 17}, "at most 16 items"),
+    ({"items": [{"task": "topic"}]}, "Field required"),
+    ({"items": [{"text": 5, "task": "topic"}]}, "valid string"),
+    ({"items": [{"text": "goal", "task": "topic", "colour": "red"}]}, "Extra inputs are not permitted"),
+    ({"things": []}, "Field required"),
+])
+def test_bad_input_is_a_400_that_names_the_item(server, body, fragment):
+    url, _ = server
+    response = httpx.post(f"{url}/classify", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert fragment in response.text
+
+
+def test_malformed_json_is_a_4xx(server):
+    url, _ = server
+    response = httpx.post(f"{url}/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+
+
+def test_a_bad_request_never_fails_its_batch_neighbours(server):
+    url, _ = server
+    good = [[{"text": t, "task": "topic"}] for t in SPORT]
+    bad = [[{"text": "goal", "task": "nope"}], [{"text": "", "task": "topic"}]] * 5
+    bodies = [b for pair in zip(good, bad) for b in pair]
+    responses = asyncio.run(_many(url, bodies))
+    for body, response in zip(bodies, responses):
+        assert response.status_code == (200 if body in good else 400), response.text
+
+
+def test_read_only_routes(server, served_model):
+    url, _ = server
+    version = served_model[1]
+    tasks = httpx.get(f"{url}/tasks").json()
+    assert tasks["version"] == version.tag
+    assert [t["name"] for t in tasks["tasks"]] == ["topic", "question", "length"]
+    assert all(0 <= t["accuracy"] <= 1 and t["labels"] for t in tasks["tasks"])
+    card = httpx.get(f"{url}/model").json()
+    assert card["tag"] == version.tag and card["parent"] == version.parent
+    assert card["task_count"] == 3 and card["backbone"]["spec"] == "micro"
+    assert card["metrics"]["bwt"] == 0.0 and card["environment"] == "test"
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/livez").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'ctt_model_info{{environment="test",tag="{version.tag}"}} 3.0' in metrics
+    assert "bentoml_service_request_duration_seconds" in metrics
+
+
+def test_openapi_schema_is_served_and_valid(server):
+    url, _ = server
+    schema = httpx.get(f"{url}/docs.json").json()
+    # BentoML labels its document 3.0.2 but fills it with pydantic's JSON Schema 2020-12
+    # (null types, `examples` lists), including in its own built-in components: that is the
+    # dialect of OpenAPI 3.1, so that is what the document is checked against.
+    OpenAPIV31SpecValidator({**schema, "openapi": "3.1.0"}).validate()
+    assert schema["openapi"].startswith("3.")
+    classify_path = schema["paths"]["/classify"]["post"]
+    assert "requestBody" in classify_path and "200" in classify_path["responses"]
+    for path in ("/tasks", "/model", "/health"):
+        assert path in schema["paths"], path
+
+
+def test_logs_are_json_lines_with_request_ids(server):
+    import json
+
+    url, log = server
+    classify(url, [{"text": "goal", "task": "topic"}])
+    time.sleep(0.5)
+    records = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    access = [r for r in records if r["logger"] == "bentoml.access" and "/classify" in r["message"]]
+    assert access and all({"timestamp", "level", "message", "request_id"} <= set(r) for r in access)
+    assert any(r["logger"] == "ctt" and "ready" in r["message"] for r in records)
+
+
+@pytest.fixture(scope="module")
+def secured_server(served_model):
+    name, _ = served_model
+    with bentoml_serve(env={"CTT_MODEL_NAME": name, "API_KEY": API_KEY, "JWT_SECRET": JWT_SECRET}) as url:
+        yield url
+
+
+def test_auth_when_configured(secured_server):
+    url = secured_server
+    item = [{"text": "goal", "task": "topic"}]
+    denied = classify(url, item)
+    assert denied.status_code == 401 and "missing credentials" in denied.json()["error"]
+    assert classify(url, item, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert classify(url, item, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert classify(url, item, headers={"X-API-Key": API_KEY}).status_code == 200
+    assert classify(url, item, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    valid = jwt.encode({"sub": "tester", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+    assert classify(url, item, headers={"Authorization": f"Bearer {valid}"}).status_code == 200
+    expired = jwt.encode({"sub": "tester", "exp": int(time.time()) - 60}, JWT_SECRET, algorithm="HS256")
+    response = classify(url, item, headers={"Authorization": f"Bearer {expired}"})
+    assert response.status_code == 401 and "expired" in response.json()["error"]
+    forged = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, "another-secret", algorithm="HS256")
+    assert classify(url, item, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    no_expiry = jwt.encode({"sub": "x"}, JWT_SECRET, algorithm="HS256")
+    assert classify(url, item, headers={"Authorization": f"Bearer {no_expiry}"}).status_code == 401
+    assert httpx.get(f"{url}/tasks").status_code == 401
+    for open_path in ("/livez", "/readyz", "/health", "/metrics"):
+        assert httpx.get(f"{url}{open_path}").status_code == 200, open_path
+
+
+def test_open_when_no_key_is_configured(server):
+    url, log = server
+    assert classify(url, [{"text": "goal", "task": "topic"}]).status_code == 200
+    assert "neither API_KEY nor JWT_SECRET is set" in log.read_text()
+
+
+def test_built_bento_serves(served_model, tmp_path):
+    import subprocess
+
+    from tests.serving import BENTOML, PROJECT
+
+    name, version = served_model
+    built = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=PROJECT, capture_output=True, text=True,
+                           env={**os.environ, "CTT_MODEL_NAME": name}, timeout=300)
+    assert built.returncode == 0, built.stderr
+    bento_tag = built.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    info = subprocess.run([BENTOML, "get", bento_tag, "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert version.tag in info.stdout, "the bento must pin the exact model version"
+    # Inside a bento only its own models exist: a later version in the store must not leak in.
+    with bentoml_serve(bento_tag, env={"CTT_MODEL_NAME": name}) as url:
+        assert httpx.get(f"{url}/model").json()["tag"] == version.tag
+        assert classify(url, [{"text": "goal", "task": "question"}]).status_code == 200
