@@ -230,3 +230,71 @@ def test_built_bento_serves(served_model, tmp_path):
     with bentoml_serve(bento_tag, env={"CTT_MODEL_NAME": name}) as url:
         assert httpx.get(f"{url}/model").json()["tag"] == version.tag
         assert classify(url, [{"text": "goal", "task": "question"}]).status_code == 200
+
+
+def test_not_ready_until_the_model_is_loaded_and_warmed_up(served_model, monkeypatch):
+    """In-process ASGI app, with the model load held back so the window can be observed."""
+    import sys
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from model.ctt import ContinualTinyTransformer
+
+    name, version = served_model
+    monkeypatch.setenv("CTT_MODEL_NAME", name)
+    monkeypatch.setenv("MONITORING_ENABLED", "false")
+    sys.modules.pop("service", None)
+    import service
+
+    release = threading.Event()
+    real_load = ContinualTinyTransformer.load.__func__
+
+    def held_load(cls, folder, max_tasks=None):
+        assert release.wait(60)
+        return real_load(cls, folder, max_tasks)
+
+    monkeypatch.setattr(ContinualTinyTransformer, "load", classmethod(held_load))
+    try:
+        with TestClient(service.CTT.to_asgi()) as client:
+            assert client.get("/livez").status_code == 200
+            assert client.get("/readyz").status_code == 503
+            assert client.get("/health").json()["status"] == "loading"
+            # Validation works before the model is loaded; classification waits for it.
+            assert client.post("/classify", json={"items": [{"text": "a", "task": "nope"}]}).status_code == 400
+            assert client.post("/classify", json={"items": [{"text": "a", "task": "topic"}]}).status_code == 503
+            release.set()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "never became ready"
+                time.sleep(0.05)
+            assert client.post("/classify", json={"items": [{"text": "goal", "task": "topic"}]}).status_code == 200
+    finally:
+        release.set()
+        sys.modules.pop("service", None)
+
+
+@pytest.mark.parametrize("script", ["smoke_tests.py", "integration_tests.py"])
+def test_deployment_scripts_pass_against_a_live_server(secured_server, script):
+    import subprocess
+    import sys
+
+    from tests.serving import PROJECT
+
+    result = subprocess.run([sys.executable, str(PROJECT / "scripts" / script), "--url", secured_server],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "API_KEY": API_KEY})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 failed" in result.stdout and "FAIL" not in result.stdout
+    assert "auth failure" in result.stdout and "SKIP" not in result.stdout
+
+
+def test_deployment_scripts_fail_when_the_service_is_down():
+    import subprocess
+    import sys
+
+    from tests.serving import PROJECT, free_port
+
+    result = subprocess.run([sys.executable, str(PROJECT / "scripts" / "smoke_tests.py"),
+                             "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "FAIL" in result.stdout
