@@ -2,10 +2,15 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+TOOLS_VENV ?= .venv-tools
 PORT ?= 3000
 STAMP := $(VENV)/.installed
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+# The image's numeric user: the generated manifests run as this UID (deploy/spec.py).
+IMAGE_UID ?= 10034
+IMAGE_NAME ?= ctt:latest
 
-.PHONY: install model serve test test-fast bench clean
+.PHONY: install tools model serve test test-fast bench bento image manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,13 +23,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Validators for the deployment: checkov and check-jsonschema pin versions that clash with
+# BentoML's, so they get their own venv; promtool comes from Debian's prometheus package.
+$(TOOLS_STAMP):
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet "checkov==3.3.30" "check-jsonschema==0.39.0"
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing: install Debian's 'prometheus' package (or Prometheus' release) first" >&2; exit 1; fi; }
+
 model: install
 	$(BIN)/ctt demo --if-missing
 
 serve: model
-	PORT=$(PORT) $(BIN)/bentoml serve service:CTT --port $(PORT)
+	$(BIN)/bentoml serve service:CTT --port $(PORT)
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
@@ -32,6 +50,16 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/learn.py
+	$(BIN)/python benchmarks/serve.py
+
+bento: model
+	$(BIN)/bentoml build
+
+image: bento
+	$(BIN)/bentoml containerize ctt:latest --image-tag $(IMAGE_NAME) --opt build-arg=BENTO_USER_UID=$(IMAGE_UID) --opt build-arg=BENTO_USER_GID=$(IMAGE_UID)
+
+manifests: install
+	for env in development staging production; do $(BIN)/ctt deploy render --env $$env; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache build *.egg-info

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -43,6 +44,23 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _secret(name: str) -> str | None:
+    """A secret from NAME, or from the file NAME_FILE names (how the Kubernetes manifests pass
+    secrets: mounted files, never environment values)."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CTTError(f"{name}_FILE={path}: cannot read ({exc.strerror})") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every environment variable the service reads (the deployment sets each of them)."""
@@ -57,12 +75,15 @@ class Settings:
     max_text_chars: int = field(default_factory=lambda: _env_int("CTT_MAX_TEXT_CHARS", 10000))
     workers: int = field(default_factory=lambda: _env_int("CTT_WORKERS", 1))
     torch_threads: int = field(default_factory=lambda: _env_int("CTT_TORCH_THREADS", 1))
-    api_key: str | None = field(default_factory=lambda: os.environ.get("API_KEY") or None, repr=False)
-    jwt_secret: str | None = field(default_factory=lambda: os.environ.get("JWT_SECRET") or None, repr=False)
+    api_key: str | None = field(default_factory=lambda: _secret("API_KEY"), repr=False)
+    jwt_secret: str | None = field(default_factory=lambda: _secret("JWT_SECRET"), repr=False)
 
-    ENV_VARS = ("ENVIRONMENT", "LOG_LEVEL", "MONITORING_ENABLED", "MAX_TASKS", "CTT_MODEL_TAG",
-                "CTT_MODEL_NAME", "CTT_MAX_BATCH_SIZE", "CTT_MAX_LATENCY_MS", "CTT_MAX_ITEMS",
-                "CTT_MAX_TEXT_CHARS", "CTT_WORKERS", "CTT_TORCH_THREADS", "API_KEY", "JWT_SECRET")
+
+# What a deployment must set (model/ctt.py reads MAX_TASKS); the model version itself is fixed
+# when the bento is built (CTT_MODEL_TAG / CTT_MODEL_NAME are build-time only).
+RUNTIME_ENV_VARS = ("ENVIRONMENT", "LOG_LEVEL", "MONITORING_ENABLED", "MAX_TASKS", "CTT_MAX_BATCH_SIZE",
+                    "CTT_MAX_LATENCY_MS", "CTT_MAX_ITEMS", "CTT_MAX_TEXT_CHARS", "CTT_WORKERS", "CTT_TORCH_THREADS")
+SECRET_ENV_VARS = ("API_KEY", "JWT_SECRET")
 
 
 # ----- request / response schemas ---------------------------------------------------------

@@ -298,3 +298,29 @@ def test_deployment_scripts_fail_when_the_service_is_down():
                              "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "FAIL" in result.stdout
+
+
+def test_manifest_probe_paths_are_served(server, tmp_path):
+    """The paths the generated Deployments probe answer 200 on a real server."""
+    from deploy import manifests
+
+    url, _ = server
+    container = manifests.deployment("blue")["spec"]["template"]["spec"]["containers"][0]
+    paths = {container[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths == {"/livez", "/readyz"}
+    for path in paths | {"/health", "/metrics"}:
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+
+
+def test_promote_keeps_the_switch_when_smoke_tests_pass(secured_server, tmp_path, monkeypatch, capsys):
+    import json as json_
+
+    from deploy.render import RELEASE_FILE, overlay_dir, render
+    from training.cli import main
+
+    monkeypatch.setenv("API_KEY", API_KEY)
+    render("staging", "registry.example.com/ctt@sha256:" + "ab" * 32, tmp_path)
+    code = main(["deploy", "promote", "--env", "staging", "--to", "green", "--out", str(tmp_path),
+                 "--url", secured_server])
+    assert code == 0, capsys.readouterr().err
+    assert json_.loads((overlay_dir(tmp_path, "staging") / RELEASE_FILE).read_text())["active"] == "green"

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from deploy.cli import add_deploy_parser
 from model.errors import CTTError
 
 # Quiet third-party chatter before anything imports them; our own progress goes to stderr.
@@ -202,12 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=400)
     p.set_defaults(run=cmd_data)
 
-    try:
-        from deploy.cli import add_deploy_parser
-    except ImportError:
-        pass
-    else:
-        add_deploy_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 

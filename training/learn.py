@@ -35,6 +35,7 @@ class LearnSettings:
     batch_size: int = 16
     seed: int = 0
     patience: int = 1  # epochs without a better held-out score before stopping
+    select_on: str = "accuracy"  # held-out criterion for early stopping: "accuracy" or "loss"
     holdout: float = 0.15  # share of the training file held out for early stopping
     max_eval_examples: int = 1000  # evaluation set kept with the version, stratified
     max_forgetting: float = 0.0
@@ -50,6 +51,8 @@ class LearnSettings:
             raise CTTError("--epochs, --batch-size and --patience must be at least 1")
         if not 0.0 < self.holdout < 1.0:
             raise CTTError("--holdout must be between 0 and 1")
+        if self.select_on not in ("accuracy", "loss"):
+            raise CTTError("--select-on must be 'accuracy' or 'loss'")
         if self.learning_rate <= 0:
             raise CTTError("--lr must be positive")
         if not 0.0 <= self.max_forgetting <= 1.0 or not 0.0 <= self.min_accuracy <= 1.0:
@@ -124,6 +127,12 @@ def _held_out_score(model, module, examples, label_index, batch_size=64) -> tupl
     return correct / len(examples), loss / len(examples)
 
 
+def _better(select_on: str, accuracy: float, loss: float, best_accuracy: float, best_loss: float) -> bool:
+    if select_on == "loss":
+        return (-loss, accuracy) > (-best_loss, best_accuracy)
+    return (accuracy, -loss) > (best_accuracy, -best_loss)
+
+
 def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: list[Example],
                       held_out: list[Example], settings: LearnSettings) -> tuple[TaskModule, dict]:
     label_index = {label: i for i, label in enumerate(labels)}
@@ -159,7 +168,7 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
         model.encoder.eval()
         held_accuracy, held_loss = _held_out_score(model, module, held_out, label_index)
         _say(settings, f"epoch {epoch}: held-out accuracy {held_accuracy:.4f}, loss {held_loss:.4f}")
-        if (held_accuracy, -held_loss) > (best_accuracy, -best_loss):
+        if _better(settings.select_on, held_accuracy, held_loss, best_accuracy, best_loss):
             best_accuracy, best_loss, best_epoch, stale = held_accuracy, held_loss, epoch, 0
             best_state = copy.deepcopy(module.state_dict())
         else:

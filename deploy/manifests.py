@@ -1,0 +1,225 @@
+"""Kubernetes objects for CTT, as plain dicts, built from an EnvironmentSpec.
+
+The shape follows KServe's model-serving Deployment: one container serving HTTP on 3000, probes on
+BentoML's /livez and /readyz, metrics scraped from /metrics, and two colours for blue-green.
+"""
+
+from __future__ import annotations
+
+from deploy.spec import (APP, BENTOML_HOME, COLORS, PORT, SECRET_KEYS, SECRET_MOUNT, UID, WRITABLE_PATHS,
+                         Color, EnvironmentSpec, Release)
+
+CONFIG_NAME = f"{APP}-config"
+SECRET_NAME = f"{APP}-secrets"
+
+
+def labels(color: Color | None = None, component: str = "server") -> dict:
+    base = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component}
+    return {**base, "app.kubernetes.io/color": color} if color else base
+
+
+def meta(name: str, **extra) -> dict:
+    return {"name": name, "labels": labels(), **extra}
+
+
+def config_env(spec: EnvironmentSpec) -> dict[str, str]:
+    config = spec.config
+    return {
+        "ENVIRONMENT": spec.name,
+        "LOG_LEVEL": config.log_level,
+        "MONITORING_ENABLED": "true" if config.monitoring_enabled else "false",
+        "MAX_TASKS": str(config.max_tasks),
+        "CTT_MAX_BATCH_SIZE": str(config.max_batch_size),
+        "CTT_MAX_LATENCY_MS": str(config.max_latency_ms),
+        "CTT_MAX_ITEMS": str(config.max_items),
+        "CTT_MAX_TEXT_CHARS": str(config.max_text_chars),
+        "CTT_WORKERS": str(config.workers),
+        "CTT_TORCH_THREADS": str(config.torch_threads),
+        "BENTOML_HOME": BENTOML_HOME,
+        "TOKENIZERS_PARALLELISM": "false",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+def namespace(spec: EnvironmentSpec) -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": spec.namespace, "labels": {
+            **labels(), "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+            "pod-security.kubernetes.io/warn": "restricted", "pod-security.kubernetes.io/audit": "restricted"}}}
+
+
+def service_account() -> dict:
+    # No Role or RoleBinding: the service never talks to the Kubernetes API.
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(APP),
+            "automountServiceAccountToken": False}
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 3) -> dict:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
+            "timeoutSeconds": timeout, "failureThreshold": failures}
+
+
+def deployment(color: Color) -> dict:
+    """A colour's environment-neutral Deployment; each overlay patches image, size and replicas."""
+    pod_labels = labels(color)
+    container = {
+        "name": APP,
+        "image": f"{APP}-image-{color}",
+        "imagePullPolicy": "Always",
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "envFrom": [{"configMapRef": {"name": CONFIG_NAME}}],
+        # Secrets arrive as files, never as environment variables: env values leak into
+        # `kubectl describe`, crash dumps and child processes; files can be rotated in place.
+        "env": [{"name": f"{key}_FILE", "value": f"{SECRET_MOUNT}/{filename}"}
+                for key, filename in SECRET_KEYS.items() if key != "DATABASE_URL"],
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi", "ephemeral-storage": "256Mi"},
+                      "limits": {"cpu": "1", "memory": "512Mi", "ephemeral-storage": "1Gi"}},
+        # The model loads and warms up in the background: the startup probe gives it time,
+        # liveness only checks the process, readiness waits for the warm model.
+        "startupProbe": _probe("/livez", period=2, failures=60),
+        "livenessProbe": _probe("/livez", period=10, failures=3),
+        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        # Give endpoints time to drop this pod before BentoML starts its graceful shutdown.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": name, "mountPath": path} for name, path in WRITABLE_PATHS.items()]
+        + [{"name": "secrets", "mountPath": SECRET_MOUNT, "readOnly": True}],
+    }
+    pod = {
+        "serviceAccountName": APP,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 45,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        # The model is baked into the image; BentoML's working files are per pod, so any number of
+        # replicas on any nodes need no shared volume.
+        "volumes": [{"name": name, "emptyDir": {"sizeLimit": "512Mi"}} for name in WRITABLE_PATHS]
+        + [{"name": "secrets", "secret": {"secretName": SECRET_NAME, "optional": True, "defaultMode": 0o440}}],
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": pod_labels}}
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                               "labelSelector": {"matchLabels": pod_labels}}}]}},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"{APP}-{color}", "labels": pod_labels},
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": pod_labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}},
+                "spec": pod},
+        },
+    }
+
+
+def deployment_patch(color: Color, spec: EnvironmentSpec, image: str) -> dict:
+    """What an environment changes in a colour's Deployment (a strategic-merge patch)."""
+    r = spec.resources
+    container = {"name": APP, "image": image, "resources": {
+        "requests": {"cpu": r.cpu_request, "memory": r.memory, "ephemeral-storage": r.ephemeral_request},
+        "limits": {"cpu": r.cpu_limit, "memory": r.memory, "ephemeral-storage": r.ephemeral_limit}}}
+    body: dict = {"template": {"spec": {"terminationGracePeriodSeconds": spec.termination_grace_seconds,
+                                        "containers": [container]}}}
+    # An HPA owns the replica count where there is one; the Deployment must not fight it.
+    body["replicas"] = None if spec.autoscaling else spec.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{APP}-{color}"}, "spec": body}
+
+
+def service(name: str, color: Color, role: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "labels": {**labels(), "ctt.dev/role": role}},
+            "spec": {"type": "ClusterIP", "selector": labels(color),
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def selector_patch(name: str, color: Color) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": labels(color)}}
+
+
+def services(release: Release) -> list[dict]:
+    return [service(APP, release.active, "active"), service(f"{APP}-preview", release.preview, "preview")]
+
+
+def pdb(color: Color, spec: EnvironmentSpec | None = None) -> dict:
+    budget = ({"minAvailable": spec.pdb_min_available} if spec and spec.pdb_min_available is not None
+              else {"maxUnavailable": "100%"})
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": f"{APP}-{color}", "labels": labels(color)},
+            "spec": {**budget, "selector": {"matchLabels": labels(color)}}}
+
+
+def hpa(color: Color, spec: EnvironmentSpec) -> dict:
+    scaling = spec.autoscaling
+    metrics = [{"type": "Resource", "resource": {"name": name, "target": {
+        "type": "Utilization", "averageUtilization": value}}}
+        for name, value in (("cpu", scaling.cpu_utilization), ("memory", scaling.memory_utilization))]
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": f"{APP}-{color}", "labels": labels(color)},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{APP}-{color}"},
+                     "minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas,
+                     "metrics": metrics,
+                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}}
+
+
+def ingress(spec: EnvironmentSpec) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": meta(APP, annotations={"nginx.ingress.kubernetes.io/ssl-redirect": "true",
+                                                "nginx.ingress.kubernetes.io/proxy-body-size": "1m"}),
+            "spec": {"ingressClassName": spec.ingress_class,
+                     "tls": [{"hosts": [spec.host], "secretName": spec.tls_secret}],
+                     "rules": [{"host": spec.host, "http": {"paths": [{
+                         "path": "/", "pathType": "Prefix",
+                         "backend": {"service": {"name": APP, "port": {"name": "http"}}}}]}}]}}
+
+
+def network_policy(spec: EnvironmentSpec | None = None) -> dict:
+    ingress_ns = spec.ingress_namespace if spec else "ingress-nginx"
+    prometheus_ns = spec.prometheus_namespace if spec else "monitoring"
+    dns = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                   "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+           "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    extra = [{"to": [{"ipBlock": {"cidr": rule["cidr"]}}],
+              "ports": [{"protocol": "TCP", "port": rule["port"]}]} for rule in (spec.egress if spec else [])]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(APP),
+            "spec": {"podSelector": {"matchLabels": labels()}, "policyTypes": ["Ingress", "Egress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}],
+                                  "ports": [{"protocol": "TCP", "port": PORT}]}
+                                 for ns in (ingress_ns, prometheus_ns)],
+                     "egress": [dns, *extra]}}
+
+
+def service_monitor(spec: EnvironmentSpec | None = None) -> dict:
+    extra = spec.monitoring_labels if spec else {"release": "kube-prometheus-stack"}
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+            "metadata": {"name": APP, "labels": {**labels(), **extra}},
+            "spec": {"selector": {"matchLabels": labels()},
+                     "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}]}}
+
+
+def secret_example(spec: EnvironmentSpec) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": SECRET_NAME, "namespace": spec.namespace, "labels": labels()},
+            "stringData": {filename: f"<{key} for {spec.name}>" for key, filename in SECRET_KEYS.items()}}
+
+
+def create_secret_command(spec: EnvironmentSpec) -> str:
+    literals = " ".join(f"--from-literal={filename}=\"${key}\"" for key, filename in SECRET_KEYS.items())
+    return f"kubectl -n {spec.namespace} create secret generic {SECRET_NAME} {literals}"
+
+
+def base_objects() -> list[dict]:
+    return [service_account(), *(deployment(c) for c in COLORS), *services(Release()),
+            *(pdb(c) for c in COLORS), network_policy(), service_monitor()]

@@ -1,0 +1,308 @@
+"""Deployment manifests, proven with the tools platform teams use (no cluster exists here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.render import RELEASE_FILE, RULES_FILE, RULES_TEST_FILE, overlay_dir, render, switch
+from deploy.spec import ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS
+from model.serving import RUNTIME_ENV_VARS, SECRET_ENV_VARS
+from tests.serving import PROJECT
+
+DIGEST = "registry.example.com/ctt@sha256:" + "ab" * 32
+NEW_DIGEST = "registry.example.com/ctt@sha256:" + "cd" * 32
+KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32"]
+CRD_SCHEMAS = {kind: json.loads((PROJECT / "deploy" / "schemas" / f"{kind.lower()}.v1.json").read_text())
+               for kind in ("ServiceMonitor", "PrometheusRule")}
+TOOLS = PROJECT / ".venv-tools" / "bin"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=f"{TOOLS}:{Path(sys.executable).parent}:/usr/bin:/usr/local/bin")
+    if not found:
+        pytest.fail(f"{name} is not installed: run `make tools` (the Makefile installs it before tests)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deploy")
+    for env in ENVIRONMENTS:
+        render(env, DIGEST, out)
+    return out
+
+
+def kustomize(folder: Path) -> list[dict]:
+    result = subprocess.run([tool("kubectl"), "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(layout) -> dict[str, list[dict]]:
+    return {env: kustomize(overlay_dir(layout, env)) for env in ENVIRONMENTS}
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_validates_strictly(rendered, env, version):
+    for obj in rendered[env]:
+        if obj["kind"] in CRD_SCHEMAS:
+            # Structural CRD schemas are OpenAPI v3 (draft-4 like). The schema itself is not
+            # meta-validated: it carries Go regular expressions that Python's `re` rejects.
+            schema = {**CRD_SCHEMAS[obj["kind"]], "required": ["apiVersion", "kind", "metadata", "spec"]}
+            jsonschema.Draft4Validator(schema).validate(obj)
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+def test_checkov_finds_nothing(layout, env, tmp_path):
+    (tmp_path / "manifests.yaml").write_text(yaml.safe_dump_all(kustomize(overlay_dir(layout, env))))
+    result = subprocess.run([tool("checkov"), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download",
+                             "-o", "json", "--quiet", "--compact"], capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    report = report[0] if isinstance(report, list) else report
+    failed = [(c["check_id"], c["resource"]) for c in report.get("results", {}).get("failed_checks", [])]
+    assert failed == [], failed
+    assert report["summary"]["passed"] > 100 and report["summary"]["parsing_errors"] == 0
+
+
+def test_skips_carry_reasons(rendered):
+    for objects in rendered.values():
+        for obj in objects:
+            for key, value in (obj["metadata"].get("annotations") or {}).items():
+                if key.startswith("checkov.io/skip"):
+                    assert re.match(r"^CKV2?_K8S_\d+=.{10,}", value), value
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+def test_alert_rules_check_and_unit_tests(layout, env):
+    folder = overlay_dir(layout, env)
+    promtool = tool("promtool")
+    checked = subprocess.run([promtool, "check", "rules", str(folder / RULES_FILE)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", RULES_TEST_FILE], cwd=folder, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    alerts = {rule["alert"] for rule in yaml.safe_load((folder / RULES_FILE).read_text())["groups"][0]["rules"]}
+    tests = yaml.safe_load((folder / RULES_TEST_FILE).read_text())["tests"]
+    for alert in alerts:
+        outcomes = {bool(t["alert_rule_test"][0]["exp_alerts"]) for t in tests if t["alert_rule_test"][0]["alertname"] == alert}
+        assert outcomes == {True, False}, f"{alert} needs a firing and a silent test"
+
+
+def test_alerts_use_metrics_the_service_exports(rendered):
+    rule = by_kind(rendered["production"], "PrometheusRule")[0]
+    expressions = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])
+    for metric in re.findall(r"(bentoml_service_\w+|ctt_\w+)", expressions):
+        assert metric.startswith(("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "ctt_")), metric
+    serving = (PROJECT / "model" / "serving.py").read_text()
+    board = next(c for c in by_kind(rendered["production"], "ConfigMap") if c["metadata"]["name"] == "ctt-dashboard")
+    dashboard = json.loads(board["data"]["ctt-dashboard.json"])
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"ctt_(\w+?)(?:_total|_bucket|_sum|_count)?[{\[]", target["expr"]):
+                assert f'"ctt_{name}"' in serving, name
+
+
+def test_sizes_replicas_and_autoscaling(rendered):
+    expectations = {"development": (1, "512Mi", None), "staging": (2, "1Gi", None), "production": (None, "2Gi", 3)}
+    for env, (replicas, memory, hpa_min) in expectations.items():
+        deployments = by_kind(rendered[env], "Deployment")
+        assert len(deployments) == 2
+        for deployment in deployments:
+            assert deployment["spec"].get("replicas") == replicas, env
+            resources = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+            assert resources["requests"]["memory"] == memory and resources["limits"]["memory"] == memory
+            assert {"cpu", "ephemeral-storage"} <= set(resources["requests"]) & set(resources["limits"])
+        hpas = by_kind(rendered[env], "HorizontalPodAutoscaler")
+        if hpa_min is None:
+            assert hpas == []
+            continue
+        assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {d["metadata"]["name"] for d in deployments}
+        for hpa in hpas:
+            assert hpa["spec"]["minReplicas"] == hpa_min
+            assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+
+
+def test_disruption_budgets_never_block_drains(rendered):
+    for env, objects in rendered.items():
+        hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"] for h in by_kind(objects, "HorizontalPodAutoscaler")}
+        deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+        for budget in by_kind(objects, "PodDisruptionBudget"):
+            name = budget["metadata"]["name"]
+            lowest = hpas.get(name) or deployments[name]["spec"]["replicas"]
+            if "minAvailable" in budget["spec"]:
+                assert budget["spec"]["minAvailable"] < lowest, (env, name)
+            else:
+                assert budget["spec"]["maxUnavailable"] == "100%"
+            assert budget["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+
+
+def test_restricted_pod_security_and_writable_paths(rendered):
+    for objects in rendered.values():
+        namespace = by_kind(objects, "Namespace")[0]
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        for deployment in by_kind(objects, "Deployment"):
+            pod = deployment["spec"]["template"]["spec"]
+            container = pod["containers"][0]
+            context = container["securityContext"]
+            assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == UID
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"] and context["seccompProfile"]["type"] == "RuntimeDefault"
+            assert pod["automountServiceAccountToken"] is False
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert set(WRITABLE_PATHS.values()) <= mounts
+            empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+            assert empty_dirs == set(WRITABLE_PATHS)
+            assert "@sha256:" in container["image"] and container["imagePullPolicy"] == "Always"
+
+
+def test_labels_and_selectors_agree(rendered):
+    for objects in rendered.values():
+        deployments = by_kind(objects, "Deployment")
+        for deployment in deployments:
+            selector = deployment["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
+        matching = lambda svc: [d for d in deployments  # noqa: E731
+                                if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matching(services["ctt"])) == 1 and len(matching(services["ctt-preview"])) == 1
+        assert matching(services["ctt"]) != matching(services["ctt-preview"])
+        ingress = by_kind(objects, "Ingress")[0]
+        assert ingress["spec"]["tls"] and ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "ctt"
+        monitor = by_kind(objects, "ServiceMonitor")[0]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= services["ctt"]["metadata"]["labels"].items()
+        policy = by_kind(objects, "NetworkPolicy")[0]
+        assert all(policy["spec"]["podSelector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                   for d in deployments)
+        sources = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                   for rule in policy["spec"]["ingress"] for peer in rule["from"]}
+        assert sources == {"ingress-nginx", "monitoring"}
+        assert [p["port"] for p in policy["spec"]["egress"][0]["ports"]] == [53, 53]
+
+
+def test_no_secret_values_anywhere(layout, rendered):
+    for objects in rendered.values():
+        assert by_kind(objects, "Secret") == [], "Secrets are created out of band, never rendered"
+        for config in by_kind(objects, "ConfigMap"):
+            for key in config.get("data", {}):
+                assert not re.search(r"(^|_)(API_?KEY|SECRET|TOKEN|PASSWORD)(_|$)", key, re.I), key
+    for example in layout.glob("overlays/*/secret.example.yaml"):
+        document = yaml.safe_load(example.read_text())
+        assert all(value.startswith("<") and value.endswith(">") for value in document["stringData"].values())
+        assert "kubectl" in example.read_text() and "create secret" in example.read_text()
+
+
+def test_every_setting_the_service_reads_is_set(rendered):
+    read = set()
+    for source in [PROJECT / "service.py", *(PROJECT / "model").glob("*.py")]:
+        read |= set(re.findall(r'(?:os\.environ\.get|_env_bool|_env_int|_secret)\(\s*"([A-Z_]+)"', source.read_text()))
+    build_only = {"CTT_MODEL_TAG", "CTT_MODEL_NAME"}
+    assert read - build_only == set(RUNTIME_ENV_VARS) | set(SECRET_ENV_VARS), "update RUNTIME_ENV_VARS"
+    for objects in rendered.values():
+        config = next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].startswith("ctt-config"))
+        for deployment in by_kind(objects, "Deployment"):
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
+            env = {e["name"]: e["value"] for e in container["env"]}
+            for secret in SECRET_ENV_VARS:
+                assert env[f"{secret}_FILE"].endswith(SECRET_KEYS[secret])
+        assert set(RUNTIME_ENV_VARS) <= set(config["data"])
+
+
+def test_probes_and_graceful_termination(rendered):
+    for deployment in by_kind(rendered["production"], "Deployment"):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 5
+        assert container["lifecycle"]["preStop"]
+
+
+def active_color(objects) -> str:
+    service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "ctt")
+    return service["spec"]["selector"]["app.kubernetes.io/color"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_promote_then_rollback_returns_the_original_manifests(tmp_path):
+    render("staging", DIGEST, tmp_path)
+    render("staging", NEW_DIGEST, tmp_path)  # the new image goes to the preview colour
+    folder = overlay_dir(tmp_path, "staging")
+    original = snapshot(folder)
+    before_objects = kustomize(folder)
+    assert active_color(before_objects) == "blue"
+    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in by_kind(before_objects, "Deployment")}
+    assert images == {"ctt-blue": DIGEST, "ctt-green": NEW_DIGEST}
+
+    switch("staging", "green", tmp_path)
+    promoted = kustomize(folder)
+    assert active_color(promoted) == "green"
+    # Only the Services' selectors changed.
+    changed = [(a["kind"], a["metadata"]["name"]) for a, b in zip(before_objects, promoted) if a != b]
+    assert sorted(changed) == [("Service", "ctt"), ("Service", "ctt-preview")]
+
+    switch("staging", None, tmp_path)  # rollback
+    assert snapshot(folder) == original
+
+
+def test_promote_cli_rolls_back_when_smoke_tests_fail(tmp_path, capsys):
+    from tests.serving import free_port
+    from training.cli import main
+
+    render("staging", DIGEST, tmp_path)
+    folder = overlay_dir(tmp_path, "staging")
+    original = snapshot(folder)
+    code = main(["deploy", "promote", "--env", "staging", "--to", "green", "--out", str(tmp_path),
+                 "--url", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "rolled back, blue serves again" in err
+    assert snapshot(folder) == original
+    assert json.loads((folder / RELEASE_FILE).read_text())["active"] == "blue"
+
+
+def test_render_requires_a_known_environment(capsys):
+    from training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["deploy", "render", "--env", "qa"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_committed_manifests_match_the_generator(tmp_path):
+    """deploy/base and deploy/overlays are generated: they must not drift from deploy/spec.py."""
+    for env in ENVIRONMENTS:
+        release = json.loads((PROJECT / "deploy" / "overlays" / env / RELEASE_FILE).read_text())
+        (overlay_dir(tmp_path, env)).mkdir(parents=True)
+        (overlay_dir(tmp_path, env) / RELEASE_FILE).write_text(json.dumps(release))
+        render(env, None, tmp_path)
+    for folder in ["base", *(f"overlays/{env}" for env in ENVIRONMENTS)]:
+        assert snapshot(tmp_path / folder) == snapshot(PROJECT / "deploy" / folder), f"re-run ctt deploy render ({folder})"
+
+
+def test_ci_workflow_is_valid():
+    workflow = PROJECT / ".github" / "workflows" / "ci-cd.yml"
+    result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(workflow)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    assert list(jobs) == ["test", "build", "staging", "production"]
