@@ -38,17 +38,13 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> N
 
 
 @contextmanager
-def bentoml_serve(target: str = "service:CTT", env: dict | None = None, log_path: Path | None = None,
-                  timeout: float = 120.0):
-    """Run `bentoml serve TARGET` on a free loopback port; yields its base URL."""
-    port = free_port()
+def server_process(command: list[str], port: int, env: dict | None = None, log_path: Path | None = None,
+                   timeout: float = 120.0):
+    """Run a server command on loopback ``port`` until its /readyz answers 200; yields its URL."""
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = subprocess.Popen(command, cwd=PROJECT, env={**os.environ, **(env or {})}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(url, process, timeout)
         yield url
@@ -62,3 +58,13 @@ def bentoml_serve(target: str = "service:CTT", env: dict | None = None, log_path
                 process.wait()
         if log_path:
             log.close()
+
+
+@contextmanager
+def bentoml_serve(target: str = "service:CTT", env: dict | None = None, log_path: Path | None = None,
+                  timeout: float = 120.0):
+    """Run `bentoml serve TARGET` on a free loopback port; yields its base URL."""
+    port = free_port()
+    command = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(command, port, env, log_path, timeout) as url:
+        yield url
