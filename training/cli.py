@@ -42,7 +42,7 @@ def cmd_learn(args) -> int:
 
     settings = LearnSettings(
         epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-        patience=args.patience, holdout=args.holdout, max_forgetting=args.max_forgetting,
+        patience=args.patience, select_on=args.select_on, holdout=args.holdout, max_forgetting=args.max_forgetting,
         min_accuracy=args.min_accuracy, backbone=args.backbone, max_length=args.max_length,
         stage=args.stage, progress=not args.quiet,
         **({"owner": args.owner} if args.owner else {}),
@@ -153,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="labelled JSONL or CSV file (text, label)")
     p.add_argument("--eval", help="labelled evaluation file (default: a stratified held-out slice of --train)")
     p.add_argument("--from", dest="from_tag", help="start from this version instead of the latest")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6, help="at most this many epochs")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=1, help="epochs without improvement before stopping")
+    p.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
+    p.add_argument("--select-on", choices=["loss", "accuracy"], default="loss",
+                   help="held-out measure for early stopping and choosing the epoch")
     p.add_argument("--holdout", type=_fraction, default=0.15, help="share of --train held out for early stopping")
     p.add_argument("--max-forgetting", type=_fraction, default=0.0,
                    help="refuse to register if an old task's accuracy drops by more than this")
