@@ -10,7 +10,7 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 IMAGE_UID ?= 10034
 IMAGE_NAME ?= ctt:latest
 
-.PHONY: install tools model serve test test-fast bench bento image manifests clean
+.PHONY: install tools model serve test test-fast bench bento image e2e manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,12 +51,17 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/learn.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/continual.py
 
 bento: model
 	$(BIN)/bentoml build
 
 image: bento
 	$(BIN)/bentoml containerize ctt:latest --image-tag $(IMAGE_NAME) --opt build-arg=BENTO_USER_UID=$(IMAGE_UID) --opt build-arg=BENTO_USER_GID=$(IMAGE_UID)
+
+# The demo bento as a real container (buildah + podman), run as the production manifests run it.
+e2e: model
+	$(BIN)/python scripts/e2e.py
 
 manifests: install
 	for env in development staging production; do $(BIN)/ctt deploy render --env $$env; done

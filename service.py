@@ -19,8 +19,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from model.ctt import CONFIG_FILE, ContinualTinyTransformer
-from model.serving import (AuthMiddleware, Item, Metrics, Prediction, Settings, configure_json_logging,
-                           items_field, set_known_tasks)
+from model.serving import AuthMiddleware, Metrics, Prediction, configure_json_logging, items_field, set_known_tasks
+from model.settings import Settings
 from model.store import METRICS_FILE, model_name
 
 settings = Settings()

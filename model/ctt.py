@@ -11,7 +11,6 @@ which is why learning task N cannot change what tasks 1..N-1 predict.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from torch import nn
 
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
+from model.settings import env_int
 
 DEFAULT_MAX_TASKS = 50
 DEFAULT_MAX_LENGTH = 64
@@ -35,14 +35,7 @@ FORMAT_VERSION = 1
 
 
 def max_tasks_from_env() -> int:
-    raw = os.environ.get("MAX_TASKS", str(DEFAULT_MAX_TASKS))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise CTTError(f"MAX_TASKS must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise CTTError(f"MAX_TASKS must be at least 1, got {value}")
-    return value
+    return env_int("MAX_TASKS", DEFAULT_MAX_TASKS)
 
 
 def check_task_name(name: str) -> str:

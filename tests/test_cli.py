@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from model import store
-from tests.conftest import SPORT, write_jsonl
+from tests.conftest import write_jsonl
 from training.cli import main
 
 

