@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TOOLS_VENV ?= .venv-tools
 PORT ?= 3000
+# One single-threaded worker per core served best on 2 cores (benchmarks/serve.py).
+WORKERS ?= 2
 STAMP := $(VENV)/.installed
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 # The image's numeric user: the generated manifests run as this UID (deploy/spec.py).
@@ -40,7 +42,7 @@ model: install
 	$(BIN)/ctt demo --if-missing
 
 serve: model
-	$(BIN)/bentoml serve service:CTT --port $(PORT)
+	CTT_WORKERS=$${CTT_WORKERS:-$(WORKERS)} $(BIN)/bentoml serve service:CTT --port $(PORT)
 
 test: install tools
 	$(BIN)/python -m pytest -q -ra

@@ -135,8 +135,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="per load level")
     parser.add_argument("--max-requests", type=int, default=5000, help="per load level")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--workers", type=int, default=1, help="BentoML workers")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per server process")
+    # One single-threaded worker per core measured best here (2 cores: 0.85 of the in-process rate,
+    # against 0.68 for one worker with two threads).
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="BentoML workers")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = parser.parse_args()
 
     register_bench_model(50)
