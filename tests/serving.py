@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,8 +64,17 @@ def server_process(command: list[str], port: int, env: dict | None = None, log_p
 @contextmanager
 def bentoml_serve(target: str = "service:CTT", env: dict | None = None, log_path: Path | None = None,
                   timeout: float = 120.0):
-    """Run `bentoml serve TARGET` on a free loopback port; yields its base URL."""
+    """Run `bentoml serve TARGET` on a free loopback port; yields its base URL.
+
+    Each server gets a BentoML home of its own that links to the shared store's models and bentos:
+    BentoML keeps its Prometheus multiprocess files under the home and clears them when a server
+    starts, so servers sharing a home would wipe each other's metrics."""
     port = free_port()
-    command = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    with server_process(command, port, env, log_path, timeout) as url:
-        yield url
+    store = Path((env or {}).get("BENTOML_HOME") or os.environ["BENTOML_HOME"])
+    with tempfile.TemporaryDirectory(prefix="ctt-serve-home-") as home:
+        for folder in ("models", "bentos"):
+            (store / folder).mkdir(parents=True, exist_ok=True)
+            os.symlink(store / folder, Path(home) / folder)
+        command = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+        with server_process(command, port, {**(env or {}), "BENTOML_HOME": home}, log_path, timeout) as url:
+            yield url
