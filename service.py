@@ -7,7 +7,6 @@ tasks, are merged by BentoML's adaptive batching into one forward pass of the sh
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,10 +17,10 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from model.ctt import CONFIG_FILE, ContinualTinyTransformer
+from model.ctt import ContinualTinyTransformer, read_config
 from model.serving import AuthMiddleware, Metrics, Prediction, configure_json_logging, items_field, set_known_tasks
 from model.settings import Settings
-from model.store import METRICS_FILE, model_name
+from model.store import model_name, read_metrics
 
 settings = Settings()
 logger = logging.getLogger("ctt")
@@ -57,8 +56,8 @@ class CTT:
         self.info = self.model_ref.info
         # The task registry is a small JSON file: read it now so requests can be validated at
         # once, while the backbone loads and warms up in the background (readiness waits).
-        self.registry = json.loads((folder / CONFIG_FILE).read_text())
-        self.metrics_summary = json.loads((folder / METRICS_FILE).read_text()) if (folder / METRICS_FILE).exists() else {}
+        self.registry = read_config(folder)
+        self.metrics_summary = read_metrics(folder)
         self.labels = {t["name"]: t["labels"] for t in self.registry["tasks"]}
         set_known_tasks(self.labels, settings.max_text_chars)
         self.metrics = Metrics(settings.monitoring_enabled)

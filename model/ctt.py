@@ -122,6 +122,17 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+def read_config(folder: Path) -> dict:
+    """A saved model's task registry and backbone reference, without loading any weights."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CTTError(f"{folder} is not a readable CTT model: {exc}") from exc
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CTTError(f"unsupported CTT model format {config.get('format_version')!r}")
+    return config
+
+
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -312,13 +323,11 @@ class ContinualTinyTransformer(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, max_tasks: int | None = None) -> "ContinualTinyTransformer":
+        config = read_config(folder)
         try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
             bank = load_file(str(folder / WEIGHTS_FILE))
         except (OSError, ValueError) as exc:
             raise CTTError(f"{folder} is not a readable CTT model: {exc}") from exc
-        if config.get("format_version") != FORMAT_VERSION:
-            raise CTTError(f"unsupported CTT model format {config.get('format_version')!r}")
         backbone_info = config["backbone"]
         backbone = load_verified_backbone(backbone_info["spec"], backbone_info["digest"])
         tasks = [Task(t["name"], t["labels"], t.get("info", {})) for t in config["tasks"]]

@@ -43,7 +43,7 @@ class Version:
         return self.metadata.get("parent")
 
     def metrics(self) -> dict:
-        return _read_json(self.path / METRICS_FILE, default={})
+        return read_metrics(self.path)
 
     def eval_set(self, task_index: int) -> list[dict]:
         path = self.path / EVAL_DIR / f"{task_index}.jsonl"
@@ -55,11 +55,12 @@ class Version:
         return ContinualTinyTransformer.load(self.path, max_tasks)
 
 
-def _read_json(path: Path, default: dict) -> dict:
+def read_metrics(folder: Path) -> dict:
+    """A version folder's metrics.json (empty for versions registered without one)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads((folder / METRICS_FILE).read_text())
     except FileNotFoundError:
-        return default
+        return {}
 
 
 def _version(model: bentoml.Model) -> Version:

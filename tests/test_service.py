@@ -260,6 +260,7 @@ def test_not_ready_until_the_model_is_loaded_and_warmed_up(served_model, monkeyp
             assert client.get("/livez").status_code == 200
             assert client.get("/readyz").status_code == 503
             assert client.get("/health").json()["status"] == "loading"
+            assert "ctt_" not in client.get("/metrics").text  # MONITORING_ENABLED=false
             # Validation works before the model is loaded; classification waits for it.
             assert client.post("/classify", json={"items": [{"text": "a", "task": "nope"}]}).status_code == 400
             assert client.post("/classify", json={"items": [{"text": "a", "task": "topic"}]}).status_code == 503
