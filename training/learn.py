@@ -23,7 +23,7 @@ from model.ctt import DEFAULT_MAX_LENGTH, ContinualTinyTransformer, Task, TaskMo
 from model.errors import CTTError
 from model.store import METRICS_FILE, Version, get_version, has_versions, register_version
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
-from training.evaluate import accuracy, continual_metrics
+from training.evaluate import ContinualMetrics, accuracy, continual_metrics
 from training.probe import fit_probe
 from training.report import write_accuracy_matrix_plot
 
@@ -64,29 +64,25 @@ class LearnSettings:
 
 
 @dataclass
-class LearnReport:
-    tag: str
-    parent: str | None
-    task: str
-    replaced: bool
-    tasks: list[str]
-    labels: list[str]
-    accuracy: dict[str, float]
-    learned_accuracy: dict[str, float]
-    probe_accuracy: dict[str, float]
-    forgetting: dict[str, float]
-    mean_accuracy: float
-    mean_forgetting: float | None
-    bwt: float | None
-    accuracy_matrix: dict
-    epochs_run: int
-    best_epoch: int
-    train_examples: int
-    eval_examples: int
-    module_parameters: int
-    module_bytes: int
-    backbone_parameters: int
-    seconds: float
+class LearnReport(ContinualMetrics):
+    """The continual metrics of the new version, and what was learned to get there."""
+
+    tag: str = ""
+    parent: str | None = None
+    task: str = ""
+    replaced: bool = False
+    tasks: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    probe_accuracy: dict[str, float | None] = field(default_factory=dict)
+    accuracy_matrix: dict = field(default_factory=dict)
+    epochs_run: int = 0
+    best_epoch: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    module_parameters: int = 0
+    module_bytes: int = 0
+    backbone_parameters: int = 0
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,20 +257,16 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     matrix = copy.deepcopy(parent_metrics.get("accuracy_matrix", {"tasks": [], "rows": []}))
     matrix["tasks"] = model.task_names
 
-    def write_metrics(folder: Path, tag: str) -> dict:
+    def write_metrics(folder: Path, tag: str) -> None:
         matrix["rows"].append({"version": tag, "learned": task_name, "accuracy": measured})
         document = {
             "tag": tag, "parent": parent.tag if parent else None, "new_task": task_name,
-            "replaced": replaced, "accuracy": measured, "learned_accuracy": learned,
-            "probe_accuracy": probe_line, "forgetting": metrics.forgetting,
-            "mean_accuracy": metrics.mean_accuracy, "mean_forgetting": metrics.mean_forgetting,
-            "bwt": metrics.bwt, "accuracy_matrix": matrix,
+            "replaced": replaced, **asdict(metrics), "probe_accuracy": probe_line, "accuracy_matrix": matrix,
             "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
                          "settings": {k: v for k, v in asdict(settings).items() if k != "progress"}},
         }
         (folder / METRICS_FILE).write_text(json.dumps(document, indent=2))
         write_accuracy_matrix_plot(matrix, probe_line, folder / "accuracy_matrix.png")
-        return {}
 
     module_parameters = module.num_parameters()
     version = register_version(
@@ -296,10 +288,9 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
         write_extra=write_metrics,
     )
     return LearnReport(
+        **asdict(metrics),
         tag=version.tag, parent=parent.tag if parent else None, task=task_name, replaced=replaced,
-        tasks=model.task_names, labels=labels, accuracy=measured, learned_accuracy=learned,
-        probe_accuracy=probe_line, forgetting=metrics.forgetting,
-        mean_accuracy=metrics.mean_accuracy, mean_forgetting=metrics.mean_forgetting, bwt=metrics.bwt,
+        tasks=model.task_names, labels=labels, probe_accuracy=probe_line,
         accuracy_matrix=version.metrics().get("accuracy_matrix", matrix),
         epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
         train_examples=len(fit), eval_examples=len(evaluation),
