@@ -154,3 +154,20 @@ def test_loading_more_tasks_than_max_tasks_fails_clearly(micro, tmp_path):
     model_with(micro, [2, 2, 2]).save(tmp_path)
     with pytest.raises(CTTError, match="MAX_TASKS is 2"):
         ContinualTinyTransformer.load(tmp_path, max_tasks=2)
+
+
+def test_a_local_model_folder_is_a_backbone(micro, tmp_path):
+    from model.backbone import sha256_file
+
+    micro.encoder.save_pretrained(tmp_path)
+    micro.tokenizer.save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path))
+    assert backbone.info.digest == sha256_file(tmp_path / "model.safetensors")
+    assert backbone.info.hidden_size == micro.info.hidden_size
+    model = ContinualTinyTransformer(backbone).with_task(Task("t", ["a", "b"]), random_module(backbone, 2, seed=1))
+    assert model.logits(TEXTS, ["t"] * 5).shape == (5, 2)
+
+
+def test_a_folder_without_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(CTTError, match="cannot load backbone"):
+        load_backbone(str(tmp_path))
