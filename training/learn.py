@@ -291,7 +291,7 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
         **asdict(metrics),
         tag=version.tag, parent=parent.tag if parent else None, task=task_name, replaced=replaced,
         tasks=model.task_names, labels=labels, probe_accuracy=probe_line,
-        accuracy_matrix=version.metrics().get("accuracy_matrix", matrix),
+        accuracy_matrix=matrix,
         epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
         train_examples=len(fit), eval_examples=len(evaluation),
         module_parameters=module_parameters, module_bytes=module_parameters * 4,
