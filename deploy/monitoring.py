@@ -62,8 +62,8 @@ def prometheus_rule(spec: EnvironmentSpec) -> dict:
             "spec": rule_groups(spec.namespace)}
 
 
-def _series(name: str, labels_: dict, values: str) -> dict:
-    rendered = ", ".join(f'{key}="{value}"' for key, value in labels_.items())
+def _series(name: str, series_labels: dict, values: str) -> dict:
+    rendered = ", ".join(f'{key}="{value}"' for key, value in series_labels.items())
     return {"series": f"{name}{{{rendered}}}", "values": values}
 
 

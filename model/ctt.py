@@ -244,9 +244,6 @@ class ContinualTinyTransformer(nn.Module):
             module.head.bias.copy_(self.bank["head_bias"][row, :num_labels])
         return module
 
-    def task_module_parameters(self, num_labels: int) -> int:
-        return TaskModule.for_backbone(self.backbone, num_labels).num_parameters()
-
     # ----- forward -----------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
