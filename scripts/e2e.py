@@ -206,7 +206,7 @@ def host_ulimits() -> list[str]:
     return limits
 
 
-def start_container(image: str, env: dict, api_key: str) -> tuple[str, str]:
+def start_container(name: str, image: str, env: dict, api_key: str) -> str:
     spec = ENVIRONMENTS["production"]
     port = free_port()
     env_file = WORK / "production.env"
@@ -218,7 +218,6 @@ def start_container(image: str, env: dict, api_key: str) -> tuple[str, str]:
     os.chmod(secret_dir / SECRET_KEYS["API_KEY"], 0o444)
     tmpfs = [arg for path in WRITABLE_PATHS.values()
              for arg in ("--tmpfs", f"{path}:rw,size=512m,mode=1777")]
-    name = f"ctt-e2e-{secrets.token_hex(4)}"
     podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--read-only-tmpfs=false",
            "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
            *tmpfs, "--env-file", str(env_file), "--env", f"PORT={port}",
@@ -226,7 +225,7 @@ def start_container(image: str, env: dict, api_key: str) -> tuple[str, str]:
            "--volume", f"{secret_dir}:{SECRET_MOUNT}:ro",
            *host_ulimits(),
            "--stop-timeout", str(spec.termination_grace_seconds), image, env=env, capture=True)
-    return name, f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}"
 
 
 def wait_ready(url: str, name: str, env: dict, timeout: float = 180) -> float:
@@ -310,10 +309,11 @@ def main() -> None:
                 image = containerize(bento, env)
                 print(f"   {image}", flush=True)
     api_key = secrets.token_urlsafe(24)
-    name = None
+    # Named up front so the container is removed even when `podman run` fails after creating it.
+    name = f"ctt-e2e-{secrets.token_hex(4)}"
     try:
         with step("5. container: non-root, read-only root, production config"):
-            name, url = start_container(image, env, api_key)
+            url = start_container(name, image, env, api_key)
             print(f"   ready in {wait_ready(url, name, env):.1f}s at {url}", flush=True)
         with step("6. smoke tests and image contents"):
             smoke = run(sys.executable, str(PROJECT / "scripts" / "smoke_tests.py"), "--url", url,
@@ -325,8 +325,7 @@ def main() -> None:
         with step("7. SIGTERM with requests in flight"):
             print(f"   {sigterm_with_requests_in_flight(name, url, api_key, env)}", flush=True)
     finally:
-        if name:
-            podman("rm", "--force", name, env=env, capture=True, check=False)
+        podman("rm", "--force", "--ignore", name, env=env, capture=True, check=False)
     print(f"e2e passed in {time.perf_counter() - STARTED:.0f}s")
 
 
