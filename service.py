@@ -89,16 +89,11 @@ class CTT:
             raise bentoml.exceptions.ServiceUnavailable(self.load_error or "model is still loading")
         tasks = [item.task for item in items]
         started = time.perf_counter()
-        probabilities = torch.softmax(self.model.logits([item.text for item in items], tasks), dim=-1)
+        predictions = self.model.predict([item.text for item in items], tasks, batch_size=len(items))
         self.metrics.record_batch(tasks, time.perf_counter() - started)
-        predictions = []
-        for item, row in zip(items, probabilities.tolist()):
-            labels = self.labels[item.task]
-            best = max(range(len(labels)), key=row.__getitem__)
-            predictions.append(Prediction(
-                task=item.task, label=labels[best], score=row[best],
-                probabilities=dict(zip(labels, row)) if item.probabilities else None))
-        return predictions
+        return [Prediction(task=p.task, label=p.label, score=p.score,
+                           probabilities=p.probabilities if item.probabilities else None)
+                for item, p in zip(items, predictions)]
 
     @routes.get("/tasks")
     def tasks(self) -> dict:

@@ -17,6 +17,7 @@ import yaml
 from deploy import manifests as m
 from deploy import monitoring
 from deploy.spec import APP, COLORS, ENVIRONMENTS, Color, EnvironmentSpec, Release
+from model.errors import CTTError
 
 DEFAULT_OUT = Path(__file__).resolve().parent
 RELEASE_FILE = "release.json"
@@ -36,8 +37,6 @@ def environment(name: str) -> EnvironmentSpec:
     try:
         return ENVIRONMENTS[name]
     except KeyError:
-        from model.errors import CTTError
-
         raise CTTError(f"unknown environment {name!r}; choose from {', '.join(ENVIRONMENTS)}") from None
 
 
@@ -125,8 +124,6 @@ def switch(env: str, to: Color | None, out: Path = DEFAULT_OUT) -> tuple[Release
     spec = environment(env)
     before = read_release(out, env)
     if before is None:
-        from model.errors import CTTError
-
         raise CTTError(f"{overlay_dir(out, env)} has no {RELEASE_FILE}: run 'ctt deploy render --env {env}' first")
     target = to or before.preview
     after = Release(active=target, images=before.images)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(PROJECT))
 
 from deploy import manifests  # noqa: E402
 from deploy.spec import ENVIRONMENTS, SECRET_KEYS, SECRET_MOUNT, UID, WRITABLE_PATHS  # noqa: E402
+from tests.serving import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
@@ -185,14 +186,6 @@ def containerize(bento: str, env: dict) -> str:
 
 
 # ----- 5-7. run and check -----------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def host_ulimits() -> list[str]:
     """Explicit limits below what this host allows: podman's defaults exceed them here, and a
     container may lower its limits but not raise them."""
