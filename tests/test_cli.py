@@ -116,14 +116,15 @@ def test_evaluate_with_labels_the_task_lacks(capsys, empty_store, topic_files, t
     assert code != 0 and "not labels of task 'topic'" in error_line(err)
 
 
-def test_backbone_digest_mismatch_is_refused(capsys, empty_store, topic_files):
+def test_edited_registry_is_refused_before_loading(capsys, empty_store, topic_files):
+    """Editing ctt.json (here: the backbone digest it records) is caught by the version's manifest."""
     run(capsys, *learn_args("topic", topic_files[0]))
     config_path = store.get_version().path / "ctt.json"
     config = json.loads(config_path.read_text())
     config["backbone"]["digest"] = "f" * 64
     config_path.write_text(json.dumps(config))
     code, _, err = run(capsys, "predict", "--task", "topic", "--text", "goal")
-    assert code != 0 and "refusing to serve mismatched weights" in error_line(err)
+    assert code != 0 and "ctt.json" in error_line(err) and "recorded" in error_line(err)
 
 
 def test_console_script_reports_errors_without_traceback(empty_store, tmp_path):

@@ -28,7 +28,8 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _table(headers: list[str], rows: list[list], stream=sys.stdout) -> None:
+def _table(headers: list[str], rows: list[list], stream=None) -> None:
+    stream = stream or sys.stdout  # looked up per call, so redirected output (tests, pipes) is honoured
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)), file=stream)
@@ -44,7 +45,7 @@ def cmd_learn(args) -> int:
         epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
         patience=args.patience, select_on=args.select_on, holdout=args.holdout, max_forgetting=args.max_forgetting,
         min_accuracy=args.min_accuracy, backbone=args.backbone, max_length=args.max_length,
-        stage=args.stage, progress=not args.quiet,
+        stage=args.stage, progress=not args.quiet, wait=not args.no_wait,
         **({"owner": args.owner} if args.owner else {}),
     )
     report = learn(args.task, args.train, args.eval, args.from_tag, settings)
@@ -66,11 +67,15 @@ def cmd_learn(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from model.store import list_versions
+    from model.store import delete_version, list_versions, stages_of
 
+    if getattr(args, "models_command", None) == "delete":
+        print(f"deleted {delete_version(args.tag, force=args.force)}")
+        return 0
     versions = list_versions()
     if args.json:
         _print_json([{"tag": v.tag, "created": v.created, "parent": v.parent, "labels": v.labels,
+                      "stages": stages_of(v.tag), "digest": v.digest,
                       "tasks": v.metadata.get("tasks", []), "new_task": v.metadata.get("new_task"),
                       "accuracy": v.metadata.get("accuracy", {}),
                       "mean_accuracy": v.metadata.get("mean_accuracy"), "bwt": v.metadata.get("bwt"),
@@ -79,9 +84,69 @@ def cmd_models(args) -> int:
     if not versions:
         print("no versions in the model store yet: run 'ctt learn' or 'ctt demo'", file=sys.stderr)
         return 0
-    _table(["tag", "created", "tasks", "mean acc", "BWT", "parent"],
-           [[v.tag, v.created[:19], ",".join(v.metadata.get("tasks", [])), v.metadata.get("mean_accuracy"),
-             v.metadata.get("bwt"), v.parent] for v in versions])
+    _table(["tag", "created", "stages", "tasks", "mean acc", "BWT", "parent"],
+           [[v.tag, v.created[:19], ",".join(stages_of(v.tag)) or "-", ",".join(v.metadata.get("tasks", [])),
+             v.metadata.get("mean_accuracy"), v.metadata.get("bwt"), v.parent] for v in versions])
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from model.store import list_versions, repair_store, store_problems
+
+    if args.tag and args.all:
+        raise CTTError("give a TAG or --all, not both")
+    if args.repair:
+        for line in repair_store():
+            print(f"repaired: {line}", file=sys.stderr)
+    problems = store_problems(args.tag, check_all=args.all)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"ctt: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    checked = 1 if args.tag else len(list_versions()) if args.all else min(1, len(list_versions()))
+    print(f"ok: {checked} version(s) verified, no leftovers", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from training.backup import export_versions, select_versions
+
+    versions = select_versions(args.tags, args.range, args.all)
+    path, digest = export_versions(versions, args.out)
+    for version in versions:
+        print(f"exported {version.tag}", file=sys.stderr)
+    print(f"{digest}  {path}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from training.backup import import_backup
+
+    for tag, outcome in import_backup(args.source, args.sha256):
+        print(f"{outcome}: {tag}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from model.store import STAGES, read_stages, rollback_stage, set_stage, stage_version
+
+    if args.stage_command == "set":
+        version = set_stage(args.tag, args.stage)
+        print(f"{args.stage}: {version.tag}")
+    elif args.stage_command == "rollback":
+        version = rollback_stage(args.stage)
+        print(f"{args.stage}: {version.tag}")
+    elif args.stage:  # show one stage: its tag alone on stdout, for scripts (make bento STAGE=...)
+        print(stage_version(args.stage).tag)
+    else:
+        stages = read_stages()
+        for stage in STAGES:
+            stack = stages.get("stages", {}).get(stage, [])
+            print(f"{stage}\t{stack[-1]['tag'] if stack else '-'}")
+        for entry in stages.get("history", []):
+            print(f"  {entry['at'][:19]}  {entry['stage']} {entry['action']} {entry['tag']} by {entry['by']}",
+                  file=sys.stderr)
     return 0
 
 
@@ -171,11 +236,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", help="owner label on the version (default: $USER)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("--no-wait", action="store_true",
+                   help="fail at once when another ctt command is changing the store (default: wait)")
     p.set_defaults(run=cmd_learn)
 
-    p = sub.add_parser("models", help="list versions, newest first")
+    p = sub.add_parser("models", help="list versions, newest first (or 'ctt models delete TAG')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_models)
+    models_sub = p.add_subparsers(dest="models_command", metavar="[delete]")
+    d = models_sub.add_parser("delete", help="delete a version (refused while a stage or a child uses it)")
+    d.add_argument("tag")
+    d.add_argument("--force", action="store_true", help="delete even a referenced or damaged version")
+    d.set_defaults(run=cmd_models, json=False)
+
+    p = sub.add_parser("verify", help="check versions against their recorded digests without loading them")
+    p.add_argument("tag", nargs="?", help="one version (default: the newest, plus store-wide checks)")
+    p.add_argument("--all", action="store_true", help="every version")
+    p.add_argument("--repair", action="store_true",
+                   help="remove leftovers of interrupted runs and point 'latest' at the newest version")
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("export", help="back up versions with their lineage to a .tar file or a folder")
+    p.add_argument("tags", nargs="*", metavar="TAG", help="versions to export")
+    p.add_argument("--range", help="OLDER..NEWER: NEWER and its ancestors back to OLDER")
+    p.add_argument("--all", action="store_true", help="every version")
+    p.add_argument("--out", required=True, help="a new .tar file, or a new or empty folder")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import", help="restore versions from a backup made by 'ctt export'")
+    p.add_argument("source", help="the backup's .tar file or folder")
+    p.add_argument("--sha256", help="refuse the backup unless its digest (printed by export) is this")
+    p.set_defaults(run=cmd_import)
+
+    p = sub.add_parser("stage", help="approve versions for staging/production, roll back, show")
+    stage_sub = p.add_subparsers(dest="stage_command", metavar="set|rollback|show", required=True)
+    s_ = stage_sub.add_parser("set", help="approve TAG for STAGE")
+    s_.add_argument("tag")
+    s_.add_argument("stage", help="staging or production")
+    s_ = stage_sub.add_parser("rollback", help="return STAGE to the version approved before")
+    s_.add_argument("stage", help="staging or production")
+    s_ = stage_sub.add_parser("show", help="the approved version of STAGE (or every stage and the history)")
+    s_.add_argument("stage", nargs="?")
+    p.set_defaults(run=cmd_stage)
 
     p = sub.add_parser("evaluate", help="accuracy of one task on a labelled file")
     p.add_argument("--task", required=True)
@@ -216,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except CTTError as exc:
         print(f"ctt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ctt: interrupted; nothing was registered", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # The store says which: an interrupt after a version's commit point carries its tag.
+        print(f"ctt: {exc.args[0] if exc.args else 'interrupted; nothing was registered'}", file=sys.stderr)
         return 130
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.ctt import DEFAULT_MAX_LENGTH, ContinualTinyTransformer, Task, TaskModule, check_task_name
 from model.errors import CTTError
-from model.store import METRICS_FILE, Version, get_version, has_versions, register_version
+from model.store import METRICS_FILE, Version, get_version, has_versions, register_version, store_lock
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
 from training.evaluate import ContinualMetrics, accuracy, continual_metrics
 from training.probe import fit_probe
@@ -47,6 +47,7 @@ class LearnSettings:
     stage: str = "development"
     owner: str = field(default_factory=lambda: os.environ.get("USER") or "unknown")
     progress: bool = True
+    wait: bool = True  # wait for another writer of the store (False: fail at once)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -86,6 +87,23 @@ class LearnReport(ContinualMetrics):
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict, seconds: float) -> "LearnReport":
+        """The report of ``ctt learn``, derived from the version's record."""
+        metric_names = ("accuracy", "learned_accuracy", "forgetting", "mean_accuracy", "mean_forgetting", "bwt")
+        training = record["training"]
+        examples = record["examples"][record["new_task"]]
+        return cls(
+            **{name: record[name] for name in metric_names},
+            tag=record["tag"], parent=record["parent"], task=record["new_task"], replaced=record["replaced"],
+            tasks=record["tasks"], labels=record["labels"][record["new_task"]],
+            probe_accuracy=record["probe_accuracy"], accuracy_matrix=record["accuracy_matrix"],
+            epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
+            train_examples=examples["train_examples"], eval_examples=examples["eval_examples"],
+            module_parameters=training["module_parameters"], module_bytes=training["module_bytes"],
+            backbone_parameters=training["backbone_parameters"], seconds=seconds,
+        )
 
 
 def _say(settings: LearnSettings, message: str) -> None:
@@ -185,6 +203,29 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
     return module, {"probe": probe, "best_epoch": best_epoch, "epochs_run": epochs_run}
 
 
+def _parent_facts(parent: Version | None, base: ContinualTinyTransformer) -> dict:
+    """What the parent's record says about each old task when it was learned (older versions kept
+    some of it in the task registry instead)."""
+    record = parent.record() if parent else {}
+    facts = {}
+    for task in base.tasks:
+        info = task.info or {}
+        facts[task.name] = {
+            "learned_accuracy": record.get("learned_accuracy", {}).get(task.name, info.get("learned_accuracy")),
+            "probe_accuracy": record.get("probe_accuracy", {}).get(task.name, info.get("probe_accuracy")),
+            "examples": record.get("examples", {}).get(task.name) or {
+                key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info},
+        }
+    return facts
+
+
+def store_metadata(record: dict) -> dict:
+    """The BentoML metadata of a version: a summary derived from its record, for listing."""
+    keys = ("parent", "parent_manifest_sha256", "new_task", "replaced", "tasks", "backbone", "backbone_digest",
+            "max_length", "accuracy", "mean_accuracy", "bwt")
+    return {key: record[key] for key in keys}
+
+
 def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None = None,
           from_tag: str | None = None, settings: LearnSettings | None = None) -> LearnReport:
     settings = settings or LearnSettings()
@@ -192,7 +233,7 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     started = time.perf_counter()
     check_task_name(task_name)
 
-    # Data: check everything before any expensive step.
+    # Data: check everything before any expensive step (and before waiting for the store).
     examples = read_training_file(train_path)
     labels = label_set(examples)
     fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
@@ -205,6 +246,14 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
         evaluation = held_out
     evaluation = cap_stratified(evaluation, settings.max_eval_examples, settings.seed)
 
+    # From choosing the parent to registering, no other writer may change the store: two runs
+    # that both started from the same latest version would otherwise lose one of the tasks.
+    with store_lock(wait=settings.wait):
+        record = _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings)
+    return LearnReport.from_record(record, seconds=time.perf_counter() - started)
+
+
+def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings) -> dict:
     base, parent = starting_point(from_tag, settings)
     replaced = task_name in base.task_names
     if not replaced and len(base.tasks) >= base.max_tasks:
@@ -222,26 +271,25 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
                                     torch.tensor([label_index[e.label] for e in evaluation]))
 
     # Evaluate every task on its own stored evaluation set: old numbers are measured, not copied.
-    previous_info = {t.name: t.info for t in base.tasks}
-    task = Task(task_name, labels, {
-        "train_examples": len(fit), "held_out_examples": len(held_out),
-        "eval_examples": len(evaluation), "probe_accuracy": probe_accuracy,
-    })
-    model = base.with_task(task, module)
+    facts = _parent_facts(parent, base)
+    # The registry keeps only what loading needs; every measurement lives in the version's record.
+    model = base.with_task(Task(task_name, labels, {}), module)
     eval_sets = [
         evaluation if t.name == task_name else [Example(**e) for e in parent.eval_set(base.task_index(t.name))]
         for t in model.tasks
     ]
     measured = {t.name: accuracy(model, t.name, examples_, progress=settings.progress)
                 for t, examples_ in zip(model.tasks, eval_sets)}
-    task.info["learned_accuracy"] = measured[task_name]
-    learned = {name: (measured[name] if name == task_name else previous_info[name]["learned_accuracy"])
-               for name in measured}
+    facts[task_name] = {
+        "learned_accuracy": measured[task_name], "probe_accuracy": probe_accuracy,
+        "examples": {"train_examples": len(fit), "held_out_examples": len(held_out), "eval_examples": len(evaluation)},
+    }
+    learned = {name: facts[name]["learned_accuracy"] for name in measured}
     metrics = continual_metrics(measured, learned, task_name)
 
     # Quality gate: compare with what the parent version measured, before anything is written.
-    parent_metrics = parent.metrics() if parent else {}
-    parent_accuracy = parent_metrics.get("accuracy", {})
+    parent_record = parent.record() if parent else {}
+    parent_accuracy = parent_record.get("accuracy", {})
     for name, now in measured.items():
         if name == task_name or name not in parent_accuracy:
             continue
@@ -253,48 +301,39 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
         raise CTTError(f"refusing to register: task {task_name!r} scored {measured[task_name]:.4f}, "
                        f"below --min-accuracy {settings.min_accuracy}")
 
-    probe_line = {t.name: t.info.get("probe_accuracy") for t in model.tasks}
-    matrix = copy.deepcopy(parent_metrics.get("accuracy_matrix", {"tasks": [], "rows": []}))
+    matrix = copy.deepcopy(parent_record.get("accuracy_matrix", {"tasks": [], "rows": []}))
     matrix["tasks"] = model.task_names
-
-    def write_metrics(folder: Path, tag: str) -> None:
-        matrix["rows"].append({"version": tag, "learned": task_name, "accuracy": measured})
-        document = {
-            "tag": tag, "parent": parent.tag if parent else None, "new_task": task_name,
-            "replaced": replaced, **asdict(metrics), "probe_accuracy": probe_line, "accuracy_matrix": matrix,
-            "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
-                         "settings": {k: v for k, v in asdict(settings).items() if k != "progress"}},
-        }
-        (folder / METRICS_FILE).write_text(json.dumps(document, indent=2))
-        write_accuracy_matrix_plot(matrix, probe_line, folder / "accuracy_matrix.png")
-
     module_parameters = module.num_parameters()
-    version = register_version(
+    # The one record of this version: metrics.json is this document, the store metadata and the
+    # report are derived from it.
+    record = {
+        "tag": None, "parent": parent.tag if parent else None,
+        "parent_manifest_sha256": parent.digest if parent else None,
+        "new_task": task_name, "replaced": replaced, "tasks": model.task_names,
+        "labels": {t.name: t.labels for t in model.tasks},
+        "backbone": model.backbone.info.spec, "backbone_digest": model.backbone.info.digest,
+        "max_length": model.max_length,
+        **asdict(metrics),
+        "probe_accuracy": {name: facts[name]["probe_accuracy"] for name in model.task_names},
+        "examples": {name: facts[name]["examples"] for name in model.task_names},
+        "accuracy_matrix": matrix,
+        "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
+                     "module_parameters": module_parameters, "module_bytes": module_parameters * 4,
+                     "backbone_parameters": model.backbone.info.parameters,
+                     "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "wait")}},
+    }
+
+    def write_record(folder: Path, tag: str) -> None:
+        record["tag"] = tag
+        matrix["rows"].append({"version": tag, "learned": task_name, "accuracy": measured})
+        (folder / METRICS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        write_accuracy_matrix_plot(matrix, record["probe_accuracy"], folder / "accuracy_matrix.png")
+
+    register_version(
         model,
         eval_sets=[[e.to_dict() for e in s] for s in eval_sets],
-        metadata={
-            "parent": parent.tag if parent else None,
-            "new_task": task_name,
-            "replaced": replaced,
-            "tasks": model.task_names,
-            "backbone": model.backbone.info.spec,
-            "backbone_digest": model.backbone.info.digest,
-            "max_length": model.max_length,
-            "accuracy": measured,
-            "mean_accuracy": metrics.mean_accuracy,
-            "bwt": metrics.bwt,
-        },
+        metadata=store_metadata(record),
         labels={"stage": settings.stage, "owner": settings.owner, "task": task_name},
-        write_extra=write_metrics,
+        write_extra=write_record,
     )
-    return LearnReport(
-        **asdict(metrics),
-        tag=version.tag, parent=parent.tag if parent else None, task=task_name, replaced=replaced,
-        tasks=model.task_names, labels=labels, probe_accuracy=probe_line,
-        accuracy_matrix=matrix,
-        epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
-        train_examples=len(fit), eval_examples=len(evaluation),
-        module_parameters=module_parameters, module_bytes=module_parameters * 4,
-        backbone_parameters=model.backbone.info.parameters,
-        seconds=time.perf_counter() - started,
-    )
+    return record
