@@ -8,6 +8,7 @@ tasks, are merged by BentoML's adaptive batching into one forward pass of the sh
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,14 +19,25 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from model.ctt import ContinualTinyTransformer, read_config
-from model.serving import AuthMiddleware, Metrics, Prediction, configure_json_logging, items_field, set_known_tasks
-from model.settings import Settings
-from model.store import model_name, read_metrics
+from model.errors import CTTError
+from model.serving import (CLASSIFY_PATH, HEALTH_PATH, MODEL_PATH, TASKS_PATH, AuthMiddleware, BodyLimitMiddleware,
+                           Credentials, Metrics, Prediction, configure_json_logging, items_field, set_known_tasks)
+from model.settings import SecretSource, Settings, check_startup_credentials
+from model.store import read_metrics
 
-settings = Settings()
+try:
+    settings = Settings.from_environ()
+    credentials = Credentials(settings, SecretSource("API_KEY", reload_s=settings.credentials_reload_s),
+                              SecretSource("JWT_SECRET", reload_s=settings.credentials_reload_s))
+    check_startup_credentials(settings, credentials.keys, credentials.jwt_secret)
+except CTTError as problem:
+    # One readable line and a non-zero exit, before BentoML starts anything (it fails closed).
+    print(f"ctt: refusing to start: {problem}", file=sys.stderr)
+    raise SystemExit(2) from None
+
 logger = logging.getLogger("ctt")
 routes = FastAPI(title="CTT read-only routes")
-Items = items_field(settings.max_items)
+Items = items_field(settings.max_items, settings.max_text_chars)
 
 
 @bentoml.service(
@@ -37,15 +49,15 @@ Items = items_field(settings.max_items)
 )
 @bentoml.asgi_app(routes, path="/")
 class CTT:
-    model_ref = bentoml.models.BentoModel(settings.model_tag or f"{model_name()}:latest")
+    model_ref = bentoml.models.BentoModel(settings.model_tag or f"{settings.model_name}:latest")
 
     @bentoml.on_deployment
     def warn_when_open() -> None:
         """Runs once, before the workers start."""
-        if not (settings.api_key or settings.jwt_secret):
+        if credentials.open():
             logging.getLogger("bentoml").warning(
-                "neither API_KEY nor JWT_SECRET is set: the API is open to anyone who can reach it "
-                "(fine for local development only)")
+                f"ENVIRONMENT={settings.environment} and neither API_KEY nor JWT_SECRET is set: the API is "
+                "open to anyone who can reach it (development and test only)")
 
     def __init__(self) -> None:
         configure_json_logging(settings)
@@ -69,20 +81,22 @@ class CTT:
     def _load(self, folder: Path) -> None:
         try:
             started = time.perf_counter()
-            model = ContinualTinyTransformer.load(folder)
+            model = ContinualTinyTransformer.load(folder, settings.max_tasks)
             model.logits(["warm-up"] * len(model.tasks), model.task_names)  # every task once
             self.model = model
             self.metrics.record_model(self.tag, settings.environment, len(model.tasks))
             logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone "
                         f"{model.backbone.info.spec}, loaded and warmed up in {time.perf_counter() - started:.1f} s")
-        except Exception as exc:  # surfaced through readiness and /health, not a crash loop
-            self.load_error = f"{type(exc).__name__}: {exc}"
+        except Exception:  # surfaced through readiness and /health, not a crash loop
+            # The exception (paths, internals) goes to the log only; /health says what happened.
+            self.load_error = "the model failed to load; the service log has the reason"
             logger.exception(f"model {self.tag} failed to load")
 
     def __is_ready__(self) -> bool:
         return self.model is not None
 
-    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    @bentoml.api(route=CLASSIFY_PATH, batchable=True, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
     def classify(self, items: Items) -> list[Prediction]:
         """Classify texts, each for its own task. Every item's task must be a learned task."""
         if self.model is None:
@@ -95,7 +109,7 @@ class CTT:
                            probabilities=p.probabilities if item.probabilities else None)
                 for item, p in zip(items, predictions)]
 
-    @routes.get("/tasks")
+    @routes.get(TASKS_PATH)
     def tasks(self) -> dict:
         """Learned tasks with their labels and accuracies."""
         accuracy = self.metrics_summary.get("accuracy", {})
@@ -105,7 +119,7 @@ class CTT:
              "probe_accuracy": t["info"].get("probe_accuracy")}
             for t in self.registry["tasks"]]}
 
-    @routes.get("/model")
+    @routes.get(MODEL_PATH)
     def model_card(self) -> dict:
         """The served version: tag, lineage, backbone, metrics summary."""
         metadata = self.info.metadata
@@ -117,7 +131,7 @@ class CTT:
             "environment": settings.environment,
         }
 
-    @routes.get("/health")
+    @routes.get(HEALTH_PATH)
     def health(self):
         """Ready (200) once the model is loaded and warmed up; 503 with the reason until then."""
         body = {"status": "ok" if self.model else "loading" if not self.load_error else "failed",
@@ -127,6 +141,8 @@ class CTT:
         return JSONResponse(body, status_code=200 if self.model else 503)
 
 
-if settings.api_key or settings.jwt_secret:
-    CTT.add_asgi_middleware(AuthMiddleware, api_key=settings.api_key, jwt_secret=settings.jwt_secret)
+# Starlette wraps middlewares in the order added, the first outermost: auth (headers only) runs
+# before the body limit reads a body.
+CTT.add_asgi_middleware(AuthMiddleware, credentials=credentials)
+CTT.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from deploy.spec import (APP, BENTOML_HOME, COLORS, PORT, SECRET_KEYS, SECRET_MOUNT, UID, WRITABLE_PATHS,
                          Color, EnvironmentSpec, Release)
+from model.serving import PUBLIC_API_PATHS
+from model.settings import RUNTIME_SETTINGS
 
 CONFIG_NAME = f"{APP}-config"
 SECRET_NAME = f"{APP}-secrets"
@@ -23,22 +25,11 @@ def meta(name: str, **extra) -> dict:
 
 
 def config_env(spec: EnvironmentSpec) -> dict[str, str]:
-    config = spec.config
-    return {
-        "ENVIRONMENT": spec.name,
-        "LOG_LEVEL": config.log_level,
-        "MONITORING_ENABLED": "true" if config.monitoring_enabled else "false",
-        "MAX_TASKS": str(config.max_tasks),
-        "CTT_MAX_BATCH_SIZE": str(config.max_batch_size),
-        "CTT_MAX_LATENCY_MS": str(config.max_latency_ms),
-        "CTT_MAX_ITEMS": str(config.max_items),
-        "CTT_MAX_TEXT_CHARS": str(config.max_text_chars),
-        "CTT_WORKERS": str(config.workers),
-        "CTT_TORCH_THREADS": str(config.torch_threads),
-        "BENTOML_HOME": BENTOML_HOME,
-        "TOKENIZERS_PARALLELISM": "false",
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
+    """The ConfigMap: every runtime setting of the table, at the environment's value."""
+    values = {setting.name: spec.config.get(setting.name, setting.default)
+              for setting in RUNTIME_SETTINGS if setting.default is not None or setting.name in spec.config}
+    return {**values, "ENVIRONMENT": spec.name, "BENTOML_HOME": BENTOML_HOME,
+            "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "true"}
 
 
 def namespace(spec: EnvironmentSpec) -> dict:
@@ -58,6 +49,10 @@ def service_account() -> dict:
 def _probe(path: str, period: int, failures: int, timeout: int = 3) -> dict:
     return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
             "timeoutSeconds": timeout, "failureThreshold": failures}
+
+
+def secret_volume(optional: bool) -> dict:
+    return {"name": "secrets", "secret": {"secretName": SECRET_NAME, "optional": optional, "defaultMode": 0o440}}
 
 
 def deployment(color: Color) -> dict:
@@ -100,7 +95,9 @@ def deployment(color: Color) -> dict:
         # The model is baked into the image; BentoML's working files are per pod, so any number of
         # replicas on any nodes need no shared volume.
         "volumes": [{"name": name, "emptyDir": {"sizeLimit": "512Mi"}} for name in WRITABLE_PATHS]
-        + [{"name": "secrets", "secret": {"secretName": SECRET_NAME, "optional": True, "defaultMode": 0o440}}],
+        # Required: a pod of an environment that fails closed must not start without its Secret
+        # (development's overlay makes it optional).
+        + [secret_volume(optional=False)],
         "topologySpreadConstraints": [
             {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
              "labelSelector": {"matchLabels": pod_labels}}
@@ -130,8 +127,10 @@ def deployment_patch(color: Color, spec: EnvironmentSpec, image: str) -> dict:
     container = {"name": APP, "image": image, "resources": {
         "requests": {"cpu": r.cpu_request, "memory": r.memory, "ephemeral-storage": r.ephemeral_request},
         "limits": {"cpu": r.cpu_limit, "memory": r.memory, "ephemeral-storage": r.ephemeral_limit}}}
-    body: dict = {"template": {"spec": {"terminationGracePeriodSeconds": spec.termination_grace_seconds,
-                                        "containers": [container]}}}
+    pod: dict = {"terminationGracePeriodSeconds": spec.termination_grace_seconds, "containers": [container]}
+    if not spec.settings().fails_closed:
+        pod["volumes"] = [secret_volume(optional=True)]
+    body: dict = {"template": {"spec": pod}}
     # An HPA owns the replica count where there is one; the Deployment must not fight it.
     body["replicas"] = None if spec.autoscaling else spec.replicas
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{APP}-{color}"}, "spec": body}
@@ -156,9 +155,12 @@ def services(release: Release) -> list[dict]:
 def pdb(color: Color, spec: EnvironmentSpec | None = None) -> dict:
     budget = ({"minAvailable": spec.pdb_min_available} if spec and spec.pdb_min_available is not None
               else {"maxUnavailable": "100%"})
+    # AlwaysAllow: pods that are not Ready protect nothing, so a colour whose pods all fail
+    # readiness must not block a node drain.
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": f"{APP}-{color}", "labels": labels(color)},
-            "spec": {**budget, "selector": {"matchLabels": labels(color)}}}
+            "spec": {**budget, "selector": {"matchLabels": labels(color)},
+                     "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
 
 
 def hpa(color: Color, spec: EnvironmentSpec) -> dict:
@@ -175,14 +177,16 @@ def hpa(color: Color, spec: EnvironmentSpec) -> dict:
 
 
 def ingress(spec: EnvironmentSpec) -> dict:
+    """Only the public API, path by path: probes, /metrics, /health and the docs stay in-cluster."""
+    backend = {"service": {"name": APP, "port": {"name": "http"}}}
+    paths = [{"path": path, "pathType": "Exact", "backend": backend} for path in PUBLIC_API_PATHS]
+    body_limit = spec.settings().max_body_bytes
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
             "metadata": meta(APP, annotations={"nginx.ingress.kubernetes.io/ssl-redirect": "true",
-                                                "nginx.ingress.kubernetes.io/proxy-body-size": "1m"}),
+                                                "nginx.ingress.kubernetes.io/proxy-body-size": str(body_limit)}),
             "spec": {"ingressClassName": spec.ingress_class,
                      "tls": [{"hosts": [spec.host], "secretName": spec.tls_secret}],
-                     "rules": [{"host": spec.host, "http": {"paths": [{
-                         "path": "/", "pathType": "Prefix",
-                         "backend": {"service": {"name": APP, "port": {"name": "http"}}}}]}}]}}
+                     "rules": [{"host": spec.host, "http": {"paths": paths}}]}}
 
 
 def network_policy(spec: EnvironmentSpec | None = None) -> dict:

@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.errors import CTTError
+from model.settings import BY_NAME, Settings
+
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 APP = "ctt"
@@ -52,18 +55,17 @@ class Autoscaling(Strict):
         return self
 
 
-class ServiceConfig(Strict):
-    """The ConfigMap: every runtime setting the service reads (model/serving.py Settings)."""
-
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    monitoring_enabled: bool = True
-    max_tasks: int = 50
-    max_batch_size: int = 32
-    max_latency_ms: int = 1000
-    max_items: int = 64
-    max_text_chars: int = 10000
-    workers: int = 1
-    torch_threads: int = 1
+def _check_overrides(config: dict[str, str]) -> dict[str, str]:
+    """An environment's ConfigMap overrides: names and values checked against the settings table."""
+    for name, raw in config.items():
+        setting = BY_NAME.get(name)
+        if setting is None or setting.scope != "runtime" or name == "ENVIRONMENT":
+            raise ValueError(f"{name} is not a runtime setting of the service (model/settings.py)")
+        try:
+            setting.value({name: raw})
+        except CTTError as problem:
+            raise ValueError(str(problem)) from None
+    return config
 
 
 class EnvironmentSpec(Strict):
@@ -82,11 +84,25 @@ class EnvironmentSpec(Strict):
     monitoring_labels: dict[str, str] = {"release": "kube-prometheus-stack"}
     # Egress beyond DNS, as CIDRs with ports (e.g. a database); none by default.
     egress: list[dict] = []
-    config: ServiceConfig = ServiceConfig()
+    # Runtime settings that differ from model/settings.py's defaults, by variable name.
+    config: dict[str, str] = {}
     termination_grace_seconds: int = 45
+
+    @field_validator("config")
+    @classmethod
+    def _known_settings(cls, config: dict[str, str]) -> dict[str, str]:
+        return _check_overrides(config)
+
+    def settings(self) -> Settings:
+        """What the service will read in this environment."""
+        return Settings.from_environ({**self.config, "ENVIRONMENT": self.name})
 
     @model_validator(mode="after")
     def _consistent(self):
+        try:
+            self.settings()  # the overrides must agree with each other (e.g. body and item limits)
+        except CTTError as problem:
+            raise ValueError(f"{self.name}: {problem}") from None
         lowest = self.autoscaling.min_replicas if self.autoscaling else self.replicas
         if self.pdb_min_available is not None and self.pdb_min_available >= lowest:
             raise ValueError(f"{self.name}: PDB minAvailable {self.pdb_min_available} would block "
@@ -119,7 +135,7 @@ ENVIRONMENTS: dict[str, EnvironmentSpec] = {
         name="development", namespace="ctt-development", replicas=1,
         resources=Resources(cpu_request="250m", cpu_limit="1", memory="512Mi"),
         pdb_min_available=None, host="ctt.development.example.com", tls_secret="ctt-development-tls",
-        config=ServiceConfig(log_level="DEBUG"),
+        config={"LOG_LEVEL": "DEBUG"},
     ),
     "staging": EnvironmentSpec(
         name="staging", namespace="ctt-staging", replicas=2,
@@ -131,6 +147,6 @@ ENVIRONMENTS: dict[str, EnvironmentSpec] = {
         resources=Resources(cpu_request="1", cpu_limit="2", memory="2Gi", ephemeral_limit="2Gi"),
         autoscaling=Autoscaling(min_replicas=3, max_replicas=10),
         pdb_min_available=2, host="ctt.example.com", tls_secret="ctt-production-tls",
-        config=ServiceConfig(workers=2),
+        config={"CTT_WORKERS": "2"},
     ),
 }

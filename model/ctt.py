@@ -24,18 +24,14 @@ from torch import nn
 
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
-from model.settings import env_int
+from model.settings import default
 
-DEFAULT_MAX_TASKS = 50
+DEFAULT_MAX_TASKS: int = default("MAX_TASKS")
 DEFAULT_MAX_LENGTH = 64
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WEIGHTS_FILE = "tasks.safetensors"
 CONFIG_FILE = "ctt.json"
 FORMAT_VERSION = 1
-
-
-def max_tasks_from_env() -> int:
-    return env_int("MAX_TASKS", DEFAULT_MAX_TASKS)
 
 
 def check_task_name(name: str) -> str:
@@ -152,7 +148,8 @@ class ContinualTinyTransformer(nn.Module):
         self.encoder = backbone.encoder
         self.tokenizer = backbone.tokenizer
         self.max_length = max_length
-        self.max_tasks = max_tasks if max_tasks is not None else max_tasks_from_env()
+        # A guard, passed in by whoever builds the model (MAX_TASKS in the settings table).
+        self.max_tasks = max_tasks if max_tasks is not None else DEFAULT_MAX_TASKS
         self.tasks = list(tasks)
         if len(self.tasks) > self.max_tasks:
             raise CTTError(

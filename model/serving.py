@@ -7,20 +7,36 @@ import hmac
 import json
 import logging
 import time
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import CTTError
-from model.settings import Settings
+from model.settings import TASK_NAME_MAX_CHARS, SecretSource, Settings, api_keys, default
 
 logger = logging.getLogger("ctt")
 
+# ----- routes -----------------------------------------------------------------------------
+# The service's own routes, declared once: service.py mounts them, the Ingress routes exactly
+# PUBLIC_API_PATHS, and a test checks that the served OpenAPI document has no path outside
+# these two lists, so a route added later cannot be exposed (or hidden) by accident.
+CLASSIFY_PATH = "/classify"
+TASKS_PATH = "/tasks"
+MODEL_PATH = "/model"
+HEALTH_PATH = "/health"
+PUBLIC_API_PATHS = (CLASSIFY_PATH, TASKS_PATH, MODEL_PATH)
+# BentoML's probes, metrics and docs: reachable in the cluster only, never through the Ingress.
+INTERNAL_PATHS = ("/livez", "/readyz", "/healthz", HEALTH_PATH, "/metrics", "/", "/docs", "/docs.json", "/schema.json")
+OPEN_PATHS = frozenset(INTERNAL_PATHS)
+
 # ----- request / response schemas ---------------------------------------------------------
-# Tasks are checked while the request body is parsed, i.e. per request and before BentoML merges
+# Items are checked while the request body is parsed, i.e. per request and before BentoML merges
 # requests into a batch, so one client's bad item can never fail another client's request.
 _known_tasks: dict[str, list[str]] = {}
-_limits = {"max_text_chars": 10000}
+_limits = {"max_text_chars": default("CTT_MAX_TEXT_CHARS")}
+ECHO_CHARS = 32  # how much of a client's unknown value an error repeats
+LISTED_TASKS = 20  # an unknown task's error lists this many known tasks
 
 
 def set_known_tasks(tasks: dict[str, list[str]], max_text_chars: int) -> None:
@@ -29,27 +45,53 @@ def set_known_tasks(tasks: dict[str, list[str]], max_text_chars: int) -> None:
     _limits["max_text_chars"] = max_text_chars
 
 
+def echo(value: str) -> str:
+    """A client's value as an error message may repeat it: cut short, quoted."""
+    return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…")
+
+
+def _visible(character: str) -> bool:
+    # Letters, marks, numbers, punctuation, symbols. Separators (spaces), controls, format
+    # characters (zero-width space, joiners, BOM), private-use and unassigned ones carry nothing.
+    return unicodedata.category(character)[0] in "LMNPS"
+
+
+def text_problem(text: str, max_chars: int) -> str | None:
+    """Why ``text`` cannot be classified, or None. Shared by every content type's validation."""
+    if len(text) > max_chars:
+        return f"text has {len(text)} characters; the limit is {max_chars}"
+    if any("\ud800" <= character <= "\udfff" for character in text):
+        return "text contains an unpaired UTF-16 surrogate (not valid Unicode)"
+    if not any(_visible(character) for character in text):
+        return "text is empty (no visible characters)"
+    return None
+
+
 class Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="The text to classify.", examples=["Shares in the bank rose 5%"])
-    task: str = Field(description="Name of a learned task (see GET /tasks).", examples=["bbc-topic"])
+    text: str = Field(min_length=1, description="The text to classify: at least one visible character.",
+                      examples=["Shares in the bank rose 5%"])
+    task: str = Field(min_length=1, max_length=TASK_NAME_MAX_CHARS,
+                      description="Name of a learned task (see GET /tasks).", examples=["bbc-topic"])
     probabilities: bool = Field(False, description="Also return the probability of every label.")
 
     @field_validator("text")
     @classmethod
     def _text_present_and_bounded(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("text is empty")
-        if len(text) > _limits["max_text_chars"]:
-            raise ValueError(f"text has {len(text)} characters; the limit is {_limits['max_text_chars']}")
+        problem = text_problem(text, _limits["max_text_chars"])
+        if problem:
+            raise ValueError(problem)
         return text
 
     @field_validator("task")
     @classmethod
     def _task_known(cls, task: str) -> str:
         if _known_tasks and task not in _known_tasks:
-            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(_known_tasks)}")
+            names = list(_known_tasks)
+            listed = ", ".join(names[:LISTED_TASKS]) + (f" and {len(names) - LISTED_TASKS} more (GET /tasks)"
+                                                        if len(names) > LISTED_TASKS else "")
+            raise ValueError(f"unknown task {echo(task)}; known tasks: {listed}")
         return task
 
 
@@ -60,56 +102,143 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] | None = Field(None, description="Every label's probability, on request.")
 
 
-def items_field(max_items: int):
-    return Annotated[list[Item], Field(min_length=1, max_length=max_items,
-                                       description=f"1 to {max_items} texts, each with its task.")]
+def items_field(max_items: int, max_text_chars: int):
+    return Annotated[list[Item], Field(min_length=1, max_length=max_items, description=(
+        f"1 to {max_items} texts, each with its task; each text at most {max_text_chars} characters."))]
+
+
+# ----- request bodies ---------------------------------------------------------------------
+def _json_error(status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+    body = json.dumps({"error": message}).encode()
+    start = {"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]}
+    return start, {"type": "http.response.body", "body": body}
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, whether or not the client declared a length.
+
+    The body is read here (it is small by construction) and replayed to the application, so a
+    chunked upload cannot slip past a Content-Length check."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send) -> None:
+        start, body = _json_error(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+        await send(start)
+        await send(body)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 # ----- authentication ---------------------------------------------------------------------
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics",
-                        "/", "/docs", "/docs.json", "/schema.json"})
+class Credentials:
+    """API keys and the JWT secret as they are now (files are re-read when they change), and
+    the rules a JWT must follow."""
 
-
-class AuthMiddleware:
-    """Bearer / X-API-Key authentication for every API; probes, metrics and docs stay open."""
-
-    def __init__(self, app, api_key: str | None = None, jwt_secret: str | None = None):
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
+    def __init__(self, settings: Settings, keys: SecretSource, jwt_secret: SecretSource):
+        self.settings = settings
+        self.keys = keys
         self.jwt_secret = jwt_secret
 
-    def _authorised(self, headers: dict[bytes, bytes]) -> tuple[bool, str]:
+    def enforced(self, keys: list[str], secret: str | None) -> bool:
+        # Outside development and test the API is never open, even if a Secret was emptied.
+        return self.settings.fails_closed or bool(keys or secret)
+
+    def open(self) -> bool:
+        """True while the API accepts anyone (development or test, no credential configured)."""
+        return not self.enforced(api_keys(self.keys), self.jwt_secret.get())
+
+    def check_jwt(self, token: str, secret: str) -> str | None:
+        """None when ``token`` is acceptable, else the reason."""
+        import jwt
+
+        settings = self.settings
+        options = {"require": ["exp"], "verify_aud": settings.jwt_audience is not None}
+        try:
+            claims = jwt.decode(token, secret, algorithms=["HS256"], options=options,
+                                audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+        except jwt.ExpiredSignatureError:
+            return "token expired"
+        except jwt.MissingRequiredClaimError as exc:
+            return f"token lacks the {exc.claim!r} claim"
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            return f"token rejected: {exc}"
+        except jwt.InvalidTokenError:
+            return "invalid credentials"
+        issued = claims.get("iat") if isinstance(claims.get("iat"), (int, float)) else time.time()
+        if claims["exp"] - issued > settings.jwt_max_lifetime_s:
+            return f"token lifetime is above the maximum of {settings.jwt_max_lifetime_s} s"
+        return None
+
+    def check(self, headers: dict[bytes, bytes]) -> tuple[bool, str]:
+        keys = api_keys(self.keys)
+        secret = self.jwt_secret.get()
+        if not self.enforced(keys, secret):
+            return True, ""
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, bearer = authorization.partition(" ")
         bearer = bearer.strip() if scheme.lower() == "bearer" else ""
         presented = [value for value in (bearer, headers.get(b"x-api-key", b"").decode("latin-1")) if value]
         if not presented:
             return False, "missing credentials: send 'Authorization: Bearer <key or JWT>' or 'X-API-Key: <key>'"
-        if self.api_key and any(hmac.compare_digest(value.encode(), self.api_key) for value in presented):
+        # Every key is compared (no early exit), in constant time each.
+        matches = [hmac.compare_digest(value.encode(), key.encode()) for value in presented for key in keys]
+        if any(matches):
             return True, ""
-        if self.jwt_secret and bearer:
-            import jwt
-
-            try:
-                jwt.decode(bearer, self.jwt_secret, algorithms=["HS256"], options={"require": ["exp"]})
-                return True, ""
-            except jwt.ExpiredSignatureError:
-                return False, "token expired"
-            except jwt.InvalidTokenError:
-                pass
+        if secret and bearer.count(".") == 2:
+            reason = self.check_jwt(bearer, secret)
+            return (True, "") if reason is None else (False, reason)
         return False, "invalid credentials"
+
+
+class AuthMiddleware:
+    """Bearer / X-API-Key authentication for every API; probes, metrics and docs stay open (the
+    Ingress does not route them, so they are reachable in the cluster only)."""
+
+    def __init__(self, app, credentials: Credentials):
+        self.app = app
+        self.credentials = credentials
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith("/static"):
             return await self.app(scope, receive, send)
-        allowed, reason = self._authorised(dict(scope["headers"]))
+        allowed, reason = self.credentials.check(dict(scope["headers"]))
         if allowed:
             return await self.app(scope, receive, send)
-        body = json.dumps({"error": f"unauthorised: {reason}"}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="ctt"')]})
-        await send({"type": "http.response.body", "body": body})
+        start, body = _json_error(401, f"unauthorised: {reason}", [(b"www-authenticate", b'Bearer realm="ctt"')])
+        await send(start)
+        await send(body)
 
 
 # ----- logs -------------------------------------------------------------------------------

@@ -1,76 +1,293 @@
-"""Every setting the service reads from its environment, in one place."""
+"""Every setting CTT reads from its environment, defined once.
+
+``SETTINGS`` is the table: name, default, meaning, whether it is a secret, and where it applies.
+Everything else is derived from it: ``Settings`` (what the service and the CLI read), the
+README's configuration table (``python -m model.settings``), the Kubernetes ConfigMap
+(``deploy/manifests.py``) and the Ingress body limit; ``bentofile.yaml`` is checked against it by
+a test. Nothing below ``model/`` reads the environment on its own: values are passed in.
+
+Secrets are never kept in ``Settings``: a ``SecretSource`` re-reads its mounted file when it
+changes, so a key rotated in a Kubernetes Secret takes effect without a restart.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from model.errors import CTTError
 
+ENVIRONMENTS = ("development", "test", "staging", "production")
+# Outside these, the service refuses to start without credentials (it fails closed).
+OPEN_ENVIRONMENTS = ("development", "test")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as the hash
+TASK_NAME_MAX_CHARS = 64  # model/ctt.py TASK_NAME_PATTERN allows 1-64 characters
 
 
-def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+# ----- parsers: each raises ValueError with the reason ------------------------------------
+def _boolean(raw: str) -> bool:
     if raw.lower() in TRUE_WORDS:
         return True
     if raw.lower() in FALSE_WORDS:
         return False
-    raise CTTError(f"{name} must be true or false, got {raw!r}")
+    raise ValueError("must be true or false")
 
 
-def env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name) or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise CTTError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise CTTError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def secret(name: str) -> str | None:
-    """A secret from NAME, or from the file NAME_FILE names (how the Kubernetes manifests pass
-    secrets: mounted files, never environment values)."""
-    value = os.environ.get(name)
-    if value:
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}")
         return value
-    path = os.environ.get(f"{name}_FILE")
-    if not path:
-        return None
-    try:
-        return Path(path).read_text().strip() or None
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CTTError(f"{name}_FILE={path}: cannot read ({exc.strerror})") from None
+
+    parse.__doc__ = f"whole number ≥ {minimum}" + (f", ≤ {maximum}" if maximum is not None else "")
+    return parse
+
+
+def _choice(*choices: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable. ``scope``: ``runtime`` (the deployment's ConfigMap sets it),
+    ``build`` (fixed when the bento is built), ``secret`` (a mounted file, ``NAME_FILE``)."""
+
+    name: str
+    field: str
+    default: str | None
+    meaning: str
+    parse: Callable[[str], Any] = _text
+    scope: str = "runtime"
+
+    @property
+    def secret(self) -> bool:
+        return self.scope == "secret"
+
+    def value(self, environ: Mapping[str, str]) -> Any:
+        raw = environ.get(self.name)
+        if raw is None or raw == "":
+            raw = self.default
+        if raw is None:
+            return None
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise CTTError(f"{self.name}={raw!r}: {exc}") from None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ENVIRONMENT", "environment", "development",
+            "development, test, staging or production; outside development and test the service "
+            "refuses to start without credentials", _choice(*ENVIRONMENTS)),
+    Setting("LOG_LEVEL", "log_level", "INFO", "JSON-lines log level: DEBUG, INFO, WARNING or ERROR",
+            _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
+    Setting("MONITORING_ENABLED", "monitoring_enabled", "true", "`false` turns off the `/metrics` series",
+            _boolean),
+    Setting("MAX_TASKS", "max_tasks", "50", "most tasks one model may hold (learning and serving)",
+            _whole(1, 100_000)),
+    Setting("CTT_MAX_LABELS", "max_labels", "256",
+            "most labels one task may have: every task's head is padded to the widest, so this "
+            "bounds the memory of every batch", _whole(2, 10_000)),
+    Setting("CTT_MAX_BATCH_SIZE", "max_batch_size", "32", "most items in one batched forward pass",
+            _whole(2, 4096)),
+    Setting("CTT_MAX_LATENCY_MS", "max_latency_ms", "1000",
+            "BentoML sheds a request with 503 when it predicts a longer wait", _whole(1)),
+    Setting("CTT_MAX_ITEMS", "max_items", "64", "most items in one request", _whole(1, 4096)),
+    Setting("CTT_MAX_TEXT_CHARS", "max_text_chars", "10000", "most characters in one item's text",
+            _whole(1, 1_000_000)),
+    Setting("CTT_MAX_BODY_BYTES", "max_body_bytes", "1048576",
+            "largest request body (413 above it); the Ingress allows the same", _whole(1024)),
+    Setting("CTT_WORKERS", "workers", "1", "worker processes (one per CPU of the pod's limit)", _whole(1, 64)),
+    Setting("CTT_TORCH_THREADS", "torch_threads", "1", "torch threads per worker", _whole(1, 64)),
+    Setting("JWT_AUDIENCE", "jwt_audience", None, "when set, JWTs must carry this `aud`", _optional_text),
+    Setting("JWT_ISSUER", "jwt_issuer", None, "when set, JWTs must carry this `iss`", _optional_text),
+    Setting("JWT_MAX_LIFETIME_S", "jwt_max_lifetime_s", "3600",
+            "JWTs need `exp`; a lifetime (`exp` − `iat`, or `exp` − now) above this is refused",
+            _whole(1, 31 * 86400)),
+    Setting("CTT_CREDENTIALS_RELOAD_S", "credentials_reload_s", "10",
+            "how often mounted secret files are checked for changes", _whole(1, 60)),
+    Setting("CTT_MODEL_NAME", "model_name", "ctt", "model name in the BentoML store", scope="build"),
+    Setting("CTT_MODEL_TAG", "model_tag", None,
+            "version to serve (default: newest); `bentoml build` pins it into the bento", _optional_text,
+            scope="build"),
+    Setting("API_KEY", "api_key", None,
+            "API keys, one per line (`API_KEY_FILE` names a file; it is re-read when it changes)",
+            scope="secret"),
+    Setting("JWT_SECRET", "jwt_secret", None,
+            f"HS256 secret for JWTs, at least {MIN_JWT_SECRET_BYTES} bytes (or `JWT_SECRET_FILE`)",
+            scope="secret"),
+)
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+RUNTIME_SETTINGS = tuple(s for s in SETTINGS if s.scope == "runtime")
+SECRET_SETTINGS = tuple(s for s in SETTINGS if s.secret)
+
+
+def default(name: str) -> Any:
+    """A setting's parsed default (e.g. for a model built without any environment)."""
+    return BY_NAME[name].value({})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every environment variable the service reads (the deployment sets each of them)."""
+    """The values of every non-secret setting (see ``SETTINGS`` for names, defaults, meaning)."""
 
-    environment: str = field(default_factory=lambda: os.environ.get("ENVIRONMENT", "development"))
-    log_level: str = field(default_factory=lambda: os.environ.get("LOG_LEVEL", "INFO").upper())
-    monitoring_enabled: bool = field(default_factory=lambda: env_bool("MONITORING_ENABLED", True))
-    model_tag: str | None = field(default_factory=lambda: os.environ.get("CTT_MODEL_TAG") or None)
-    max_batch_size: int = field(default_factory=lambda: env_int("CTT_MAX_BATCH_SIZE", 32, minimum=2))
-    max_latency_ms: int = field(default_factory=lambda: env_int("CTT_MAX_LATENCY_MS", 1000))
-    max_items: int = field(default_factory=lambda: env_int("CTT_MAX_ITEMS", 64))
-    max_text_chars: int = field(default_factory=lambda: env_int("CTT_MAX_TEXT_CHARS", 10000))
-    workers: int = field(default_factory=lambda: env_int("CTT_WORKERS", 1))
-    torch_threads: int = field(default_factory=lambda: env_int("CTT_TORCH_THREADS", 1))
-    api_key: str | None = field(default_factory=lambda: secret("API_KEY"), repr=False)
-    jwt_secret: str | None = field(default_factory=lambda: secret("JWT_SECRET"), repr=False)
+    environment: str
+    log_level: str
+    monitoring_enabled: bool
+    max_tasks: int
+    max_labels: int
+    max_batch_size: int
+    max_latency_ms: int
+    max_items: int
+    max_text_chars: int
+    max_body_bytes: int
+    workers: int
+    torch_threads: int
+    jwt_audience: str | None
+    jwt_issuer: str | None
+    jwt_max_lifetime_s: int
+    credentials_reload_s: int
+    model_name: str
+    model_tag: str | None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {s.field: s.value(environ) for s in SETTINGS if not s.secret}
+        settings = cls(**values)
+        settings.check_consistent()
+        return settings
+
+    @property
+    def fails_closed(self) -> bool:
+        return self.environment not in OPEN_ENVIRONMENTS
+
+    def check_consistent(self) -> None:
+        # Any request within the item and character limits must fit the body limit when its
+        # text is ASCII; otherwise the limits would contradict each other at the Ingress.
+        needed = self.max_items * (self.max_text_chars + 200)
+        if self.max_body_bytes < needed:
+            raise CTTError(f"CTT_MAX_BODY_BYTES={self.max_body_bytes} is below CTT_MAX_ITEMS × "
+                           f"(CTT_MAX_TEXT_CHARS + 200) = {needed}: raise it or lower the item limits")
 
 
-# What a deployment must set (model/ctt.py reads MAX_TASKS); the model version itself is fixed
-# when the bento is built (CTT_MODEL_TAG / CTT_MODEL_NAME are build-time only).
-RUNTIME_ENV_VARS = ("ENVIRONMENT", "LOG_LEVEL", "MONITORING_ENABLED", "MAX_TASKS", "CTT_MAX_BATCH_SIZE",
-                    "CTT_MAX_LATENCY_MS", "CTT_MAX_ITEMS", "CTT_MAX_TEXT_CHARS", "CTT_WORKERS", "CTT_TORCH_THREADS")
-SECRET_ENV_VARS = ("API_KEY", "JWT_SECRET")
+def settings_markdown() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        name = f"`{s.name}`" + (f" / `{s.name}_FILE`" if s.secret else "")
+        shown = "unset" if s.default is None else f"`{s.default}`"
+        scope = {"build": " (build time)", "secret": " (secret)"}.get(s.scope, "")
+        rows.append(f"| {name} | {shown} | {s.meaning}{scope} |")
+    return "\n".join(rows) + "\n"
+
+
+# ----- secrets ----------------------------------------------------------------------------
+class SecretSource:
+    """A secret from ``NAME`` or from the file ``NAME_FILE`` names (how the manifests pass
+    secrets: mounted files, never environment values). The file is checked for changes at most
+    every ``reload_s`` seconds; Kubernetes replaces mounted Secret files in place."""
+
+    def __init__(self, name: str, environ: Mapping[str, str] | None = None, reload_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        environ = os.environ if environ is None else environ
+        self.name = name
+        self.inline = environ.get(name) or None
+        self.path = Path(environ[f"{name}_FILE"]) if environ.get(f"{name}_FILE") else None
+        self.reload_s = reload_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._signature: tuple | None = None
+        self._value: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.inline or self.path)
+
+    def _read_file(self) -> str | None:
+        assert self.path is not None
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._signature = None
+            return None
+        except OSError as exc:
+            raise CTTError(f"{self.name}_FILE={self.path}: cannot read ({exc.strerror})") from None
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if signature == self._signature:
+            return self._value
+        try:
+            text = self.path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CTTError(f"{self.name}_FILE={self.path}: cannot read ({exc})") from None
+        self._signature = signature
+        return text or None
+
+    def get(self) -> str | None:
+        if self.inline:
+            return self.inline
+        if self.path is None:
+            return None
+        with self._lock:
+            now = self.clock()
+            if now - self._checked_at >= self.reload_s:
+                self._value = self._read_file()
+                self._checked_at = now
+            return self._value
+
+
+def api_keys(source: SecretSource) -> list[str]:
+    """Every API key in ``source``: one per line, blank lines and ``#`` comments ignored."""
+    value = source.get() or ""
+    return [line.strip() for line in value.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def check_jwt_secret(secret: str | None) -> None:
+    if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise CTTError(f"JWT_SECRET has {len(secret.encode())} bytes; HS256 needs at least "
+                       f"{MIN_JWT_SECRET_BYTES} (e.g. `openssl rand -hex 32`)")
+
+
+def check_startup_credentials(settings: Settings, keys: SecretSource, jwt_secret: SecretSource) -> None:
+    """Fail closed: outside development and test, refuse to start without any credential."""
+    check_jwt_secret(jwt_secret.get())
+    if settings.fails_closed and not (api_keys(keys) or jwt_secret.get()):
+        raise CTTError(f"ENVIRONMENT={settings.environment} needs credentials: set API_KEY_FILE or "
+                       "JWT_SECRET_FILE (a mounted Secret) or API_KEY / JWT_SECRET; refusing to serve an open API")
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")
+
+
+__all__ = ["SETTINGS", "Settings", "Setting", "SecretSource", "api_keys", "default", "settings_markdown",
+           "check_startup_credentials", "check_jwt_secret"]

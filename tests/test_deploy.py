@@ -16,7 +16,8 @@ import yaml
 
 from deploy.render import RELEASE_FILE, RULES_FILE, RULES_TEST_FILE, overlay_dir, render, switch
 from deploy.spec import ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS
-from model.settings import RUNTIME_ENV_VARS, SECRET_ENV_VARS
+from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
+from model.settings import RUNTIME_SETTINGS, SECRET_SETTINGS, Settings
 from tests.serving import PROJECT
 
 DIGEST = "registry.example.com/ctt@sha256:" + "ab" * 32
@@ -151,6 +152,8 @@ def test_disruption_budgets_never_block_drains(rendered):
             else:
                 assert budget["spec"]["maxUnavailable"] == "100%"
             assert budget["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+            # Pods that are not Ready protect nothing: they must not block a drain either.
+            assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", (env, name)
 
 
 def test_restricted_pod_security_and_writable_paths(rendered):
@@ -209,20 +212,45 @@ def test_no_secret_values_anywhere(layout, rendered):
 
 
 def test_every_setting_the_service_reads_is_set(rendered):
-    read = set()
-    for source in [PROJECT / "service.py", *(PROJECT / "model").glob("*.py")]:
-        read |= set(re.findall(r'(?:os\.environ\.get|env_bool|env_int|secret)\(\s*"([A-Z_]+)"', source.read_text()))
-    build_only = {"CTT_MODEL_TAG", "CTT_MODEL_NAME"}
-    assert read - build_only == set(RUNTIME_ENV_VARS) | set(SECRET_ENV_VARS), "update RUNTIME_ENV_VARS"
-    for objects in rendered.values():
+    """The ConfigMap carries every runtime setting of the table at a value the service accepts,
+    and every secret arrives as a mounted file."""
+    for env, objects in rendered.items():
         config = next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].startswith("ctt-config"))
+        assert {s.name for s in RUNTIME_SETTINGS if s.default is not None} <= set(config["data"])
+        assert Settings.from_environ(config["data"]).environment == env
         for deployment in by_kind(objects, "Deployment"):
             container = deployment["spec"]["template"]["spec"]["containers"][0]
             assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
-            env = {e["name"]: e["value"] for e in container["env"]}
-            for secret in SECRET_ENV_VARS:
-                assert env[f"{secret}_FILE"].endswith(SECRET_KEYS[secret])
-        assert set(RUNTIME_ENV_VARS) <= set(config["data"])
+            env_vars = {e["name"]: e["value"] for e in container["env"]}
+            for setting in SECRET_SETTINGS:
+                assert env_vars[f"{setting.name}_FILE"].endswith(SECRET_KEYS[setting.name])
+
+
+def test_spec_overrides_are_checked_against_the_settings_table():
+    spec = ENVIRONMENTS["staging"]
+    with pytest.raises(ValueError, match="CTT_MAX_ITMES is not a runtime setting"):
+        spec.model_validate({**spec.model_dump(), "config": {"CTT_MAX_ITMES": "8"}})
+    with pytest.raises(ValueError, match="must be a whole number"):
+        spec.model_validate({**spec.model_dump(), "config": {"CTT_MAX_ITEMS": "many"}})
+    with pytest.raises(ValueError, match="CTT_MAX_BODY_BYTES=2048 is below"):
+        spec.model_validate({**spec.model_dump(), "config": {"CTT_MAX_BODY_BYTES": "2048"}})
+
+
+def test_secret_is_required_where_the_service_fails_closed(rendered):
+    for env, objects in rendered.items():
+        for deployment in by_kind(objects, "Deployment"):
+            volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets")
+            assert volume["secret"]["optional"] is (env == "development"), env
+
+
+def test_ingress_routes_only_the_public_api(rendered):
+    for env, objects in rendered.items():
+        (ingress,) = by_kind(objects, "Ingress")
+        paths = ingress["spec"]["rules"][0]["http"]["paths"]
+        assert [(p["path"], p["pathType"]) for p in paths] == [(path, "Exact") for path in PUBLIC_API_PATHS]
+        assert not {p["path"] for p in paths} & set(INTERNAL_PATHS)
+        limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+        assert int(limit) == ENVIRONMENTS[env].settings().max_body_bytes
 
 
 def test_probes_and_graceful_termination(rendered):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.backbone import load_backbone
-from model.ctt import ContinualTinyTransformer, Task, TaskModule, max_tasks_from_env
+from model.ctt import ContinualTinyTransformer, Task, TaskModule
 from model.errors import CTTError
 
 TEXTS = ["the striker scored twice", "shares in the bank fell sharply after the results",
@@ -103,14 +103,16 @@ def test_max_tasks_is_a_clear_error(micro):
     model.with_task(Task("task0", ["a", "b"]), random_module(micro, 2, seed=3))
 
 
-def test_max_tasks_from_environment(monkeypatch):
-    monkeypatch.setenv("MAX_TASKS", "1000")
-    assert max_tasks_from_env() == 1000
+def test_the_model_never_reads_max_tasks_from_the_environment(micro, monkeypatch):
+    """MAX_TASKS is read by the settings table and passed in; the model takes an argument."""
+    from model.settings import Settings
+
+    monkeypatch.setenv("MAX_TASKS", "1")
+    assert ContinualTinyTransformer(micro).max_tasks == 50
+    assert ContinualTinyTransformer(micro, max_tasks=Settings.from_environ().max_tasks).max_tasks == 1
     monkeypatch.setenv("MAX_TASKS", "many")
-    with pytest.raises(CTTError, match="whole number"):
-        max_tasks_from_env()
-    monkeypatch.delenv("MAX_TASKS")
-    assert max_tasks_from_env() == 50
+    with pytest.raises(CTTError, match="MAX_TASKS='many': must be a whole number"):
+        Settings.from_environ()
 
 
 def test_a_thousand_tasks_fit_when_allowed(micro):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import subprocess
 import time
 import uuid
 
@@ -325,3 +327,164 @@ def test_promote_keeps_the_switch_when_smoke_tests_pass(secured_server, tmp_path
                  "--url", secured_server])
     assert code == 0, capsys.readouterr().err
     assert json_.loads((overlay_dir(tmp_path, "staging") / RELEASE_FILE).read_text())["active"] == "green"
+
+
+# ----- failing closed, credentials, limits and exposure (issue 8) -------------------------
+def serve_and_fail(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`bentoml serve` expected to refuse to start: its exit code and output."""
+    from tests.serving import BENTOML, PROJECT, free_port
+
+    return subprocess.run([BENTOML, "serve", "service:CTT", "--host", "127.0.0.1", "--port", str(free_port())],
+                          cwd=PROJECT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"ENVIRONMENT": "production"}, "ENVIRONMENT=production needs credentials"),
+    ({"ENVIRONMENT": "staging", "API_KEY_FILE": "/nonexistent/api-key"}, "ENVIRONMENT=staging needs credentials"),
+    ({"ENVIRONMENT": "production", "JWT_SECRET": "short"}, "JWT_SECRET has 5 bytes; HS256 needs at least 32"),
+    ({"ENVIRONMENT": "prod", "API_KEY": "k"}, "ENVIRONMENT='prod': must be one of development, test, staging, production"),
+    ({"CTT_MAX_ITEMS": "many"}, "CTT_MAX_ITEMS='many': must be a whole number"),
+])
+def test_refuses_to_start_with_one_readable_line(served_model, env, reason):
+    name, _ = served_model
+    result = serve_and_fail({"CTT_MODEL_NAME": name, "API_KEY": "", "JWT_SECRET": "", **env})
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ctt: refusing to start: ") and reason in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_api_keys_rotate_in_place_without_a_restart(served_model, tmp_path):
+    """Production, keys in a mounted file: a key added works and a key removed stops working
+    without a restart; an emptied file fails closed."""
+    name, _ = served_model
+    key_file = tmp_path / "api-key"
+    old, new = "old-key-" + uuid.uuid4().hex, "new-key-" + uuid.uuid4().hex
+    key_file.write_text(old + "\n")
+    item = [{"text": "goal", "task": "topic"}]
+
+    def status(key: str) -> int:
+        return classify(url, item, headers={"X-API-Key": key}).status_code
+
+    def eventually(check, seconds: float = 20) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.2)
+        return False
+
+    env = {"CTT_MODEL_NAME": name, "ENVIRONMENT": "production", "API_KEY": "", "JWT_SECRET": "",
+           "API_KEY_FILE": str(key_file), "CTT_CREDENTIALS_RELOAD_S": "1", "CTT_WORKERS": "2"}
+    with bentoml_serve(env=env) as url:
+        assert status(old) == 200 and status(new) == 401 and classify(url, item).status_code == 401
+        # Kubernetes swaps the file (a new inode), as an atomic rename does.
+        (tmp_path / "next").write_text(f"# rotated\n{old}\n{new}\n")
+        os.replace(tmp_path / "next", key_file)
+        assert eventually(lambda: status(new) == 200 and status(old) == 200)
+        (tmp_path / "next").write_text(f"{new}\n")
+        os.replace(tmp_path / "next", key_file)
+        assert eventually(lambda: status(old) == 401)
+        assert all(status(new) == 200 for _ in range(6)), "every worker must have the new keys"
+        key_file.write_text("")
+        assert eventually(lambda: status(new) == 401), "an emptied Secret must not open the API"
+        assert classify(url, item).status_code == 401
+
+
+@pytest.mark.parametrize("claims, reason", [
+    ({}, None),
+    ({"exp": -60}, "token expired"),
+    ({"exp": None}, "token lacks the 'exp' claim"),
+    ({"exp": 7200, "iat": 0}, "token lifetime is above the maximum of 3600 s"),
+    ({"exp": 7200}, "token lifetime is above the maximum of 3600 s"),
+    ({"aud": "someone-else"}, "Audience doesn't match"),
+    ({"aud": None}, "lacks the 'aud' claim"),
+    ({"iss": "mallory"}, "Invalid issuer"),
+])
+def test_jwt_rules(claims, reason):
+    from model.serving import Credentials
+    from model.settings import SecretSource, Settings
+
+    settings = Settings.from_environ({"ENVIRONMENT": "production", "JWT_AUDIENCE": "ctt", "JWT_ISSUER": "auth.example"})
+    credentials = Credentials(settings, SecretSource("API_KEY", {}), SecretSource("JWT_SECRET", {"JWT_SECRET": JWT_SECRET}))
+    now = int(time.time())
+    body = {"sub": "tester", "aud": "ctt", "iss": "auth.example", "iat": 0, "exp": 60}
+    body.update(claims)
+    body = {key: (now + value if key in ("exp", "iat") else value) for key, value in body.items() if value is not None}
+    token = jwt.encode(body, JWT_SECRET, algorithm="HS256")
+    allowed, why = credentials.check({b"authorization": f"Bearer {token}".encode()})
+    assert allowed is (reason is None), why
+    if reason:
+        assert reason in why
+
+
+def test_limits_agree_and_unknown_values_are_echoed_short(server):
+    url, _ = server
+    zero_width = classify(url, [{"text": "\u200b\u200d\ufeff \u2060", "task": "topic"}])
+    assert zero_width.status_code == 400 and "no visible characters" in zero_width.text
+    long_task = "t" * 5000
+    response = classify(url, [{"text": "goal", "task": long_task}])
+    assert response.status_code == 400 and "at most 64 characters" in response.text
+    assert long_task not in response.text and len(response.text) < 1000
+    unknown = "weather-" + "x" * 50
+    response = classify(url, [{"text": "goal", "task": unknown}])
+    assert response.status_code == 400 and "unknown task 'weather-" in response.text and unknown not in response.text
+
+
+def test_bodies_over_the_limit_are_a_413_however_they_are_sent(server):
+    from model.settings import default
+
+    url, _ = server
+    limit = default("CTT_MAX_BODY_BYTES")
+    big = json.dumps({"items": [{"text": "x" * 400, "task": "topic"}] * 4000}).encode()
+    assert len(big) > limit
+    declared = httpx.post(f"{url}/classify", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert declared.status_code == 413 and str(limit) in declared.json()["error"]
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    chunked = httpx.post(f"{url}/classify", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert chunked.status_code == 413
+    assert classify(url, [{"text": "goal", "task": "topic"}]).status_code == 200
+
+
+def test_served_routes_are_exactly_the_declared_public_and_internal_paths(server):
+    """The Ingress lists PUBLIC_API_PATHS: no route may be served that is in neither list."""
+    from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
+
+    url, _ = server
+    served = set(httpx.get(f"{url}/docs.json").json()["paths"])
+    assert set(PUBLIC_API_PATHS) <= served
+    assert served - set(PUBLIC_API_PATHS) <= set(INTERNAL_PATHS), served
+
+
+def test_health_hides_the_load_exception(served_model, monkeypatch, caplog):
+    import sys
+
+    from starlette.testclient import TestClient
+
+    from model.ctt import ContinualTinyTransformer
+
+    name, _ = served_model
+    monkeypatch.setenv("CTT_MODEL_NAME", name)
+    monkeypatch.setenv("MONITORING_ENABLED", "false")
+    sys.modules.pop("service", None)
+    import service
+
+    def broken(cls, folder, max_tasks=None):
+        raise OSError(f"/very/secret/path/{folder.name}/tasks.safetensors: disk on fire")
+
+    monkeypatch.setattr(ContinualTinyTransformer, "load", classmethod(broken))
+    try:
+        with TestClient(service.CTT.to_asgi()) as client:
+            deadline = time.monotonic() + 30
+            while client.get("/health").json()["status"] == "loading":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            health = client.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "failed"
+            assert "secret" not in health.text and "disk on fire" not in health.text
+    finally:
+        sys.modules.pop("service", None)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import CTTError
+from model.settings import default
+
+MAX_LABELS: int = default("CTT_MAX_LABELS")
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,14 @@ def label_set(examples: list[Example]) -> list[str]:
     return sorted({example.label for example in examples})
 
 
-def read_training_file(path: str | Path) -> list[Example]:
+def read_training_file(path: str | Path, max_labels: int = MAX_LABELS) -> list[Example]:
     examples = read_labelled(path)
     labels = label_set(examples)
     if len(labels) < 2:
         raise CTTError(f"{path}: needs at least two different labels, found {labels}")
+    if len(labels) > max_labels:
+        raise CTTError(f"{path}: has {len(labels)} different labels; a task may have at most {max_labels} "
+                       "(CTT_MAX_LABELS): every task's head is padded to the widest, so this bounds every batch")
     return examples
 
 
