@@ -55,8 +55,17 @@ bench: install
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/continual.py
 
+# `make bento STAGE=production` builds the version approved for that stage (`ctt stage set`),
+# checked against the digests recorded when it was approved; without STAGE, the newest version.
+# Either way a version whose files differ from their recorded digests is never packaged.
 bento: model
-	$(BIN)/bentoml build
+	@if [ -n "$(STAGE)" ]; then \
+	  tag=$$($(BIN)/ctt stage show $(STAGE)) || exit 1; \
+	  echo "bento for $(STAGE): $$tag"; \
+	  CTT_MODEL_TAG=$$tag $(BIN)/bentoml build; \
+	else \
+	  $(BIN)/ctt verify && $(BIN)/bentoml build; \
+	fi
 
 image: bento
 	$(BIN)/bentoml containerize ctt:latest --image-tag $(IMAGE_NAME) --opt build-arg=BENTO_USER_UID=$(IMAGE_UID) --opt build-arg=BENTO_USER_GID=$(IMAGE_UID)

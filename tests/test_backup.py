@@ -75,6 +75,15 @@ def test_drill_export_all_wipe_import_gives_identical_versions(capsys, three_ver
     assert code == 0 and all(line.startswith("already present") for line in out.splitlines())
 
 
+def test_relative_paths_as_in_the_readme(capsys, three_versions, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "export", "--all", "--out", "ctt-backup.tar")
+    assert code == 0 and out.split()[1] == str(tmp_path / "ctt-backup.tar")
+    wipe_store()
+    assert run(capsys, "import", "ctt-backup.tar", "--sha256", out.split()[0])[0] == 0
+    assert len(store.list_versions()) == 3
+
+
 def test_folder_export_of_a_range_with_lineage(capsys, three_versions, tmp_path):
     first, second, third = three_versions
     folder = tmp_path / "backup"

@@ -74,7 +74,8 @@ def export_versions(versions: list[Version], destination: str | Path) -> tuple[P
     """Write a backup; returns its path and digest (the tar file's sha256, or the catalogue's)."""
     import bentoml
 
-    destination = Path(destination)
+    # Absolute: BentoML's exporter reads a relative path as one under the filesystem root.
+    destination = Path(destination).absolute()
     as_tar = destination.suffix == ".tar"
     if destination.exists() and not (destination.is_dir() and not as_tar and not any(destination.iterdir())):
         raise CTTError(f"{destination} already exists; choose a new file or an empty folder")
@@ -153,7 +154,7 @@ def backup_digest(source: str | Path) -> str:
 
 def import_backup(source: str | Path, expected_sha256: str | None = None) -> list[tuple[str, str]]:
     """Restore every version of a backup; returns (tag, "imported" | "already present") pairs."""
-    source = Path(source)
+    source = Path(source).absolute()
     if not source.exists():
         raise CTTError(f"{source}: no such backup file or folder")
     if expected_sha256 is not None:
