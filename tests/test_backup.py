@@ -157,6 +157,26 @@ def test_exporting_a_tampered_version_is_refused(capsys, three_versions, tmp_pat
     assert code == 2 and "name the versions to export" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["export", "--range", "nodots", "--out", "x.tar"], "use OLDER..NEWER"),
+    (["export", "--all", "--out", "no/such/folder/x.tar"], "is not a folder"),
+    (["import", "."], "has no ctt-backup.json"),
+    (["import", "x.tar", "--sha256", "abc"], "no such backup"),
+])
+def test_operator_mistakes_with_backups_are_one_line(capsys, three_versions, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("ctt: error:")]
+    assert len(lines) == 1
+
+
+def test_a_range_must_follow_the_lineage(capsys, three_versions, tmp_path):
+    first, second, third = three_versions
+    code, _, err = run(capsys, "export", "--range", f"{third}..{first}", "--out", str(tmp_path / "r.tar"))
+    assert code == 2 and f"{third} is not an ancestor of {first}" in err
+
+
 def test_a_kill_during_import_leaves_no_partial_version(three_versions, tmp_path, capsys):
     archive = tmp_path / "backup.tar"
     run(capsys, "export", "--all", "--out", str(archive))

@@ -236,7 +236,7 @@ def test_every_kind_of_tampering_is_detected_and_named(registered, tmp_path):
         assert problems and any(message in p for p in problems), (name, problems)
 
 
-def test_a_tampered_version_is_refused_by_load_verify_and_predict(capsys, registered):
+def test_a_tampered_version_is_refused_by_load_verify_and_predict(capsys, registered, topic_files):
     version, _ = registered
     _flip_last_byte(version.path / "tasks.safetensors")
     with pytest.raises(CTTError, match="tasks.safetensors does not match its recorded sha256"):
@@ -246,9 +246,12 @@ def test_a_tampered_version_is_refused_by_load_verify_and_predict(capsys, regist
     assert "Traceback" not in err
     code, _, err = run(capsys, "predict", "--task", "topic", "--text", "goal")
     assert code == 2 and "tasks.safetensors" in err and "Traceback" not in err
-    # A version learned on top of it is refused too: the parent is loaded through the store.
+    # It cannot be approved for a stage, and nothing is learned on top of it: the parent is
+    # loaded through the store.
     code, _, err = run(capsys, "stage", "set", version.tag, "production")
     assert code == 2 and "tasks.safetensors" in err
+    code, _, err = run(capsys, "learn", "--task", "more", "--train", str(topic_files[0]), "--epochs", "1", "--quiet")
+    assert code == 2 and "tasks.safetensors" in err and len(store.list_versions()) == 1
 
 
 def test_a_child_pins_its_parent_digest(capsys, registered, question_files, micro_settings):
