@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from benchmarks.learn import model_with_tasks  # noqa: E402
 from model.backbone import load_backbone  # noqa: E402
 from model.store import register_version  # noqa: E402
-from tests.serving import bentoml_serve, free_port, server_process  # noqa: E402
+from deploy.local import bentoml_serve, free_port, server_process  # noqa: E402
 
 MODEL_NAME = "ctt-bench"
 WORDS = ("the government said on monday that shares in the bank rose after the striker scored twice "

@@ -1,98 +1,117 @@
-"""`ctt deploy`: render manifests, promote a colour, roll back."""
+"""`ctt deploy`: render the committed layout, release an image, roll back, show, unlock; and
+`ctt check`: the smoke and integration checks against any URL."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import json
+import os
 import sys
 from pathlib import Path
 
-from model.errors import CTTError
-
-PROJECT = Path(__file__).resolve().parent.parent
-SMOKE_TESTS = PROJECT / "scripts" / "smoke_tests.py"
+from deploy.checks import add_check_parser
 
 
-def _apply(overlay: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        raise CTTError("--apply needs kubectl on PATH")
-    result = subprocess.run([kubectl, "apply", "-k", str(overlay)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CTTError(f"kubectl apply -k {overlay} failed: {result.stderr.strip().splitlines()[-1:]}")
-    print(result.stdout.strip(), file=sys.stderr)
+def connect(env: str, context: str | None):
+    """The cluster of ``env`` (tests replace this with a stand-in)."""
+    from deploy.cluster import Kubectl
+    from deploy.render import environment
+
+    return Kubectl(environment(env).namespace, context)
 
 
-def _smoke(env: str, url: str | None) -> bool:
-    command = [sys.executable, str(SMOKE_TESTS), "--environment", env] + (["--url", url] if url else [])
-    print(f"post-switch check: {' '.join(command[1:])}", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True)
-    print(result.stdout, file=sys.stderr, end="")
-    return result.returncode == 0
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _options(args):
+    from deploy.release import ReleaseOptions
+
+    return ReleaseOptions(api_key=args.api_key, bake_seconds=args.bake_seconds, rollout_timeout=args.rollout_timeout,
+                          max_error_rate=args.max_error_rate, max_latency_ms=args.max_latency_ms)
 
 
 def cmd_render(args) -> int:
     from deploy.render import render
 
-    folder = render(args.env, args.image, Path(args.out))
-    print(folder)
+    print(render(args.env, Path(args.out)))
     return 0
 
 
-def _switch(args, to) -> int:
-    from deploy.render import overlay_dir, render_overlay, environment, switch
+def cmd_release(args) -> int:
+    from deploy.release import release
+    from deploy.spec import check_image
 
-    out = Path(args.out)
-    before, after = switch(args.env, to, out)
-    overlay = overlay_dir(out, args.env)
-    if before.active == after.active:
-        print(f"{args.env}: {after.active} already serves; nothing to switch", file=sys.stderr)
-        return 0
-    print(f"{args.env}: active {before.active} -> {after.active} (preview is now {after.preview})", file=sys.stderr)
-    if args.apply:
-        _apply(overlay)
-    if args.no_check or _smoke(args.env, args.url):
-        if not args.apply:
-            print(f"manifests written; deploy with: kubectl apply -k {overlay}", file=sys.stderr)
-        return 0
-    render_overlay(out, environment(args.env), before)
-    if args.apply:
-        _apply(overlay)
-    raise CTTError(f"smoke tests failed after switching {args.env} to {after.active}: "
-                   f"rolled back, {before.active} serves again")
-
-
-def cmd_promote(args) -> int:
-    return _switch(args, args.to)
+    check_image(args.env, args.image)  # before any cluster call: a tag is refused even with no cluster
+    print(release(connect(args.env, args.context), args.env, args.image, args.model_tag, _options(args), _log))
+    return 0
 
 
 def cmd_rollback(args) -> int:
-    return _switch(args, None)
+    from deploy.release import rollback
+
+    print(rollback(connect(args.env, args.context), args.env, _options(args), _log))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from deploy.release import status
+
+    print(json.dumps(status(connect(args.env, args.context)), indent=2))
+    return 0
+
+
+def cmd_unlock(args) -> int:
+    from deploy.release import unlock
+
+    holder = unlock(connect(args.env, args.context))
+    print(f"{args.env}: lock of {holder} dropped" if holder else f"{args.env}: was not locked")
+    return 0
 
 
 def add_deploy_parser(sub) -> None:
     from deploy.render import DEFAULT_OUT
     from deploy.spec import ENVIRONMENTS
 
-    deploy = sub.add_parser("deploy", help="Kubernetes manifests: render, promote, rollback")
+    deploy = sub.add_parser("deploy", help="Kubernetes: render manifests, release, roll back")
     commands = deploy.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
 
-    def common(parser):
+    def environment(parser, cluster: bool = True):
         parser.add_argument("--env", required=True, choices=list(ENVIRONMENTS))
-        parser.add_argument("--out", default=str(DEFAULT_OUT), help="layout folder (default: deploy/)")
+        if cluster:
+            parser.add_argument("--context", help="kubeconfig context (default: the current one)")
 
-    p = commands.add_parser("render", help="write the kustomize base and the environment's overlay")
-    common(p)
-    p.add_argument("--image", help="image reference, ideally name@sha256:digest; goes to the preview colour")
+    def checked(parser):
+        parser.add_argument("--api-key", default=os.environ.get("API_KEY") or None,
+                            help="API key for the checks (default: $API_KEY)")
+        parser.add_argument("--bake-seconds", type=float, default=120.0,
+                            help="how long to watch the live colour after the switch (default 120)")
+        parser.add_argument("--max-error-rate", type=float, default=0.05, help="bake: highest 5xx share of /classify")
+        parser.add_argument("--max-latency-ms", type=float, default=200.0, help="bake: highest average /classify latency")
+        parser.add_argument("--rollout-timeout", type=float, default=600.0, help="seconds to wait for the rollout")
+
+    p = commands.add_parser("render", help="write the colour-neutral kustomize base and the environment's overlay")
+    environment(p, cluster=False)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="layout folder (default: ./deploy)")
     p.set_defaults(run=cmd_render)
 
-    for name, helper, runner in (("promote", "point the active Service at a colour", cmd_promote),
-                                 ("rollback", "point the active Service back at the other colour", cmd_rollback)):
-        p = commands.add_parser(name, help=helper)
-        common(p)
-        if name == "promote":
-            p.add_argument("--to", required=True, choices=["blue", "green"])
-        p.add_argument("--apply", action="store_true", help="also kubectl apply -k the overlay")
-        p.add_argument("--url", help="active URL for the post-switch smoke tests (default: scripts/environments.yaml)")
-        p.add_argument("--no-check", action="store_true", help="skip the post-switch smoke tests")
-        p.set_defaults(run=runner)
+    p = commands.add_parser("release", help="image -> idle colour, check it, switch, check, bake; switch back on failure")
+    environment(p)
+    p.add_argument("--image", required=True, help="image reference; production takes name@sha256:<digest> only")
+    p.add_argument("--model-tag", required=True, help="the model version the image serves; /model must report it")
+    checked(p)
+    p.set_defaults(run=cmd_release)
+
+    p = commands.add_parser("rollback", help="back to the known good release before the live one")
+    environment(p)
+    checked(p)
+    p.set_defaults(run=cmd_rollback)
+
+    p = commands.add_parser("status", help="live colour, each colour's image, known good releases, lock")
+    environment(p)
+    p.set_defaults(run=cmd_status)
+
+    p = commands.add_parser("unlock", help="drop the release lock of a run that died")
+    environment(p)
+    p.set_defaults(run=cmd_unlock)
+
+    add_check_parser(sub)

@@ -6,8 +6,8 @@ BentoML's /livez and /readyz, metrics scraped from /metrics, and two colours for
 
 from __future__ import annotations
 
-from deploy.spec import (APP, BENTOML_HOME, COLORS, PORT, SECRET_KEYS, SECRET_MOUNT, UID, WRITABLE_PATHS,
-                         Color, EnvironmentSpec, Release)
+from deploy.spec import (APP, BENTOML_HOME, COLORS, LIVE_SERVICE, PORT, PREVIEW_SERVICE, SECRET_KEYS, SECRET_MOUNT,
+                         UID, WRITABLE_PATHS, Color, EnvironmentSpec, other)
 from model.serving import PUBLIC_API_PATHS
 from model.settings import RUNTIME_SETTINGS
 
@@ -121,8 +121,9 @@ def deployment(color: Color) -> dict:
     }
 
 
-def deployment_patch(color: Color, spec: EnvironmentSpec, image: str) -> dict:
-    """What an environment changes in a colour's Deployment (a strategic-merge patch)."""
+def deployment_patch(color: Color, spec: EnvironmentSpec, image: str, replicas: int | None) -> dict:
+    """What an environment and a release change in a colour's Deployment (a strategic-merge patch).
+    ``replicas`` None leaves the count out: an HPA owns it, and the Deployment must not fight it."""
     r = spec.resources
     container = {"name": APP, "image": image, "resources": {
         "requests": {"cpu": r.cpu_request, "memory": r.memory, "ephemeral-storage": r.ephemeral_request},
@@ -130,9 +131,7 @@ def deployment_patch(color: Color, spec: EnvironmentSpec, image: str) -> dict:
     pod: dict = {"terminationGracePeriodSeconds": spec.termination_grace_seconds, "containers": [container]}
     if not spec.settings().fails_closed:
         pod["volumes"] = [secret_volume(optional=True)]
-    body: dict = {"template": {"spec": pod}}
-    # An HPA owns the replica count where there is one; the Deployment must not fight it.
-    body["replicas"] = None if spec.autoscaling else spec.replicas
+    body: dict = {"template": {"spec": pod}, "replicas": replicas}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{APP}-{color}"}, "spec": body}
 
 
@@ -143,13 +142,9 @@ def service(name: str, color: Color, role: str) -> dict:
                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}
 
 
-def selector_patch(name: str, color: Color) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": labels(color)}}
-
-
-def services(release: Release) -> list[dict]:
-    return [service(APP, release.active, "active"), service(f"{APP}-preview", release.preview, "preview")]
+def services(live: Color) -> list[dict]:
+    """The live Service (behind the Ingress) selects ``live``; the preview Service the other colour."""
+    return [service(LIVE_SERVICE, live, "active"), service(PREVIEW_SERVICE, other(live), "preview")]
 
 
 def pdb(color: Color, spec: EnvironmentSpec | None = None) -> dict:
@@ -225,5 +220,5 @@ def create_secret_command(spec: EnvironmentSpec) -> str:
 
 
 def base_objects() -> list[dict]:
-    return [service_account(), *(deployment(c) for c in COLORS), *services(Release()),
-            *(pdb(c) for c in COLORS), network_policy(), service_monitor()]
+    """The colour-neutral objects every environment shares; colours are a release's to apply."""
+    return [service_account(), *(pdb(c) for c in COLORS), network_policy(), service_monitor()]

@@ -28,6 +28,9 @@ WRITABLE_PATHS = {"bentoml-home": BENTOML_HOME, "tmp": "/tmp", "cache": "/home/b
 SECRET_MOUNT = "/var/run/secrets/ctt"
 SECRET_KEYS = {"API_KEY": "api-key", "JWT_SECRET": "jwt-secret", "DATABASE_URL": "database-url"}
 IMAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
+# The Services: the live one behind the Ingress, and the preview one (ClusterIP only) a release checks.
+LIVE_SERVICE = APP
+PREVIEW_SERVICE = f"{APP}-preview"
 
 
 class Strict(BaseModel):
@@ -110,16 +113,32 @@ class EnvironmentSpec(Strict):
         return self
 
 
-class Release(Strict):
-    """Blue-green state of one environment: which colour serves, and what each colour runs."""
+def other(color: Color) -> Color:
+    return "green" if color == "blue" else "blue"
 
-    active: Color = "blue"
-    images: dict[Color, str] = {"blue": "registry.example.com/ctt@sha256:" + "0" * 64,
-                                "green": "registry.example.com/ctt@sha256:" + "0" * 64}
+
+def check_image(env: str, image: str) -> str:
+    """An image a release may deploy: a well-formed reference, and in production pinned by digest
+    (a tag can be moved to other contents after it was tested)."""
+    if not IMAGE_PATTERN.match(image):
+        raise CTTError(f"{image!r} is not an image reference (name[:tag][@sha256:<64 hex digits>])")
+    if env == "production" and "@sha256:" not in image:
+        raise CTTError(f"production takes images by digest only (name@sha256:...), not {image!r}")
+    return image
+
+
+class ColorPlan(Strict):
+    """What one release applies for each colour: which colour the live Service selects, the image
+    each colour's Deployment runs, and its replicas (None leaves the count to the HPA). It is built
+    from what the cluster runs, never read from a file."""
+
+    live: Color
+    images: dict[Color, str]
+    replicas: dict[Color, int | None]
 
     @property
     def preview(self) -> Color:
-        return "green" if self.active == "blue" else "blue"
+        return other(self.live)
 
     @field_validator("images")
     @classmethod

@@ -10,7 +10,7 @@ Steps (each printed with its time):
   4. image: `bentoml containerize --backend buildah`, image user UID from the manifests;
   5. run: podman, non-root UID, read-only root, writable tmpfs only where the manifests mount
      emptyDirs, the production ConfigMap's environment, an API key mounted as the Secret is;
-  6. /readyz, then scripts/smoke_tests.py against it; the image holds CPU torch and the pinned model;
+  6. /readyz, then `ctt check smoke` against it; the image holds CPU torch and the pinned model;
   7. SIGTERM with requests in flight: every accepted request answered, clean exit.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(PROJECT))
 
 from deploy import manifests  # noqa: E402
 from deploy.spec import ENVIRONMENTS, SECRET_KEYS, SECRET_MOUNT, UID, WRITABLE_PATHS  # noqa: E402
-from tests.serving import free_port  # noqa: E402
+from deploy.local import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
@@ -309,7 +309,7 @@ def main() -> None:
             url = start_container(name, image, env, api_key)
             print(f"   ready in {wait_ready(url, name, env):.1f}s at {url}", flush=True)
         with step("6. smoke tests and image contents"):
-            smoke = run(sys.executable, str(PROJECT / "scripts" / "smoke_tests.py"), "--url", url,
+            smoke = run(str(Path(sys.executable).parent / "ctt"), "check", "smoke", "--url", url,
                         "--api-key", api_key, check=False, capture=True)
             print(smoke.stdout, flush=True)
             if smoke.returncode != 0:

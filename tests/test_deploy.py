@@ -14,14 +14,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy.render import RELEASE_FILE, RULES_FILE, RULES_TEST_FILE, overlay_dir, render, switch
-from deploy.spec import ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS
+from deploy.render import RULES_FILE, RULES_TEST_FILE, overlay_dir, release_objects, render
+from deploy.spec import COLORS, ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS, ColorPlan
 from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
 from model.settings import RUNTIME_SETTINGS, SECRET_SETTINGS, Settings
 from tests.serving import PROJECT
 
-DIGEST = "registry.example.com/ctt@sha256:" + "ab" * 32
-NEW_DIGEST = "registry.example.com/ctt@sha256:" + "cd" * 32
+DIGEST = "ghcr.io/example/ctt@sha256:" + "ab" * 32
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32"]
 CRD_SCHEMAS = {kind: json.loads((PROJECT / "deploy" / "schemas" / f"{kind.lower()}.v1.json").read_text())
                for kind in ("ServiceMonitor", "PrometheusRule")}
@@ -35,11 +34,18 @@ def tool(name: str) -> str:
     return found
 
 
+def full_size(env: str, live: str = "blue") -> ColorPlan:
+    """Both colours running one image at the environment's size: what a release applies."""
+    spec = ENVIRONMENTS[env]
+    return ColorPlan(live=live, images={c: DIGEST for c in COLORS},
+                     replicas={c: None if spec.autoscaling else spec.replicas for c in COLORS})
+
+
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deploy")
     for env in ENVIRONMENTS:
-        render(env, DIGEST, out)
+        render(env, out, full_size(env))
     return out
 
 
@@ -263,49 +269,15 @@ def test_probes_and_graceful_termination(rendered):
         assert container["lifecycle"]["preStop"]
 
 
-def active_color(objects) -> str:
-    service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "ctt")
-    return service["spec"]["selector"]["app.kubernetes.io/color"]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def test_promote_then_rollback_returns_the_original_manifests(tmp_path):
-    render("staging", DIGEST, tmp_path)
-    render("staging", NEW_DIGEST, tmp_path)  # the new image goes to the preview colour
-    folder = overlay_dir(tmp_path, "staging")
-    original = snapshot(folder)
-    before_objects = kustomize(folder)
-    assert active_color(before_objects) == "blue"
-    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in by_kind(before_objects, "Deployment")}
-    assert images == {"ctt-blue": DIGEST, "ctt-green": NEW_DIGEST}
-
-    switch("staging", "green", tmp_path)
-    promoted = kustomize(folder)
-    assert active_color(promoted) == "green"
-    # Only the Services' selectors changed.
-    changed = [(a["kind"], a["metadata"]["name"]) for a, b in zip(before_objects, promoted) if a != b]
-    assert sorted(changed) == [("Service", "ctt"), ("Service", "ctt-preview")]
-
-    switch("staging", None, tmp_path)  # rollback
-    assert snapshot(folder) == original
-
-
-def test_promote_cli_rolls_back_when_smoke_tests_fail(tmp_path, capsys):
-    from tests.serving import free_port
-    from training.cli import main
-
-    render("staging", DIGEST, tmp_path)
-    folder = overlay_dir(tmp_path, "staging")
-    original = snapshot(folder)
-    code = main(["deploy", "promote", "--env", "staging", "--to", "green", "--out", str(tmp_path),
-                 "--url", f"http://127.0.0.1:{free_port()}"])
-    err = capsys.readouterr().err
-    assert code != 0 and "rolled back, blue serves again" in err
-    assert snapshot(folder) == original
-    assert json.loads((folder / RELEASE_FILE).read_text())["active"] == "blue"
+def test_a_bootstrap_leaves_the_idle_colour_at_zero_and_the_live_service_on_the_empty_colour():
+    objects = release_objects("staging", ColorPlan(live="green", images={c: DIGEST for c in COLORS},
+                                                   replicas={"blue": 2, "green": 0}))
+    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in by_kind(objects, "Deployment")}
+    assert replicas == {"ctt-blue": 2, "ctt-green": 0}
+    selectors = {s["metadata"]["name"]: s["spec"]["selector"]["app.kubernetes.io/color"] for s in by_kind(objects, "Service")}
+    assert selectors == {"ctt": "green", "ctt-preview": "blue"}
+    assert all(s["spec"]["type"] == "ClusterIP" for s in by_kind(objects, "Service"))
+    assert all(o["metadata"].get("namespace") == "ctt-staging" for o in objects if o["kind"] != "Namespace")
 
 
 def test_render_requires_a_known_environment(capsys):
@@ -316,15 +288,36 @@ def test_render_requires_a_known_environment(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_committed_manifests_match_the_generator(tmp_path):
     """deploy/base and deploy/overlays are generated: they must not drift from deploy/spec.py."""
     for env in ENVIRONMENTS:
-        release = json.loads((PROJECT / "deploy" / "overlays" / env / RELEASE_FILE).read_text())
-        (overlay_dir(tmp_path, env)).mkdir(parents=True)
-        (overlay_dir(tmp_path, env) / RELEASE_FILE).write_text(json.dumps(release))
-        render(env, None, tmp_path)
+        render(env, tmp_path)
     for folder in ["base", *(f"overlays/{env}" for env in ENVIRONMENTS)]:
-        assert snapshot(tmp_path / folder) == snapshot(PROJECT / "deploy" / folder), f"re-run ctt deploy render ({folder})"
+        assert snapshot(tmp_path / folder) == snapshot(PROJECT / "deploy" / folder), f"re-run make manifests ({folder})"
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+def test_applying_a_committed_overlay_cannot_touch_traffic(env):
+    """The colours live in the cluster: a committed overlay carries no image, no Deployment and no
+    Service, so `kubectl apply -k` of it can neither deploy a placeholder nor switch a colour."""
+    objects = kustomize(PROJECT / "deploy" / "overlays" / env)
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"Deployment", "Service", "HorizontalPodAutoscaler"}, kinds
+    text = "\n".join(p.read_text() for p in (PROJECT / "deploy").rglob("*.yaml") if "schemas" not in p.parts)
+    assert "registry.example.com" not in text and "0" * 64 not in text and "image:" not in text
+    assert not list((PROJECT / "deploy").rglob("release.json"))
+
+
+def test_render_writes_under_the_working_directory(tmp_path, monkeypatch):
+    from training.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["deploy", "render", "--env", "staging"]) == 0
+    assert (tmp_path / "deploy" / "overlays" / "staging" / "kustomization.yaml").is_file()
 
 
 def test_ci_workflow_is_valid():
@@ -332,5 +325,15 @@ def test_ci_workflow_is_valid():
     result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(workflow)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    document = yaml.safe_load(workflow.read_text())
+    jobs = document["jobs"]
     assert list(jobs) == ["test", "build", "staging", "production"]
+    for job in jobs.values():
+        for step in job["steps"]:
+            if "uses" in step:  # third-party code runs with the pipeline's secrets: pinned by commit
+                assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+    for env in ("staging", "production"):
+        script = "\n".join(step.get("run", "") for step in jobs[env]["steps"])
+        assert f"ctt deploy release --env {env}" in script and "release.json" not in script
+        # One release at a time per environment, never cancelled half way.
+        assert jobs[env]["concurrency"] == {"group": f"release-{env}", "cancel-in-progress": False}

@@ -1,30 +1,52 @@
-"""Release checks against real `bentoml serve` processes (moved from tests/test_service.py)."""
+"""Releases, checks and rollbacks against two real `bentoml serve` processes standing in for the
+two colours' pods, behind a stateful stand-in of the cluster (tests/standin_cluster.py): no
+Kubernetes API server can run here."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 
-from tests.conftest import MONEY, SPORT, write_jsonl
-from tests.serving import bentoml_serve
+from deploy.release import ReleaseFailed, ReleaseOptions, release, rollback, unlock
+from deploy.spec import ENVIRONMENTS
+from model.errors import CTTError
+from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, write_jsonl
+from tests.serving import PROJECT, bentoml_serve, free_port
+from tests.standin_cluster import StandInCluster
 from training.learn import LearnSettings, learn
 
 API_KEY = "test-key-" + uuid.uuid4().hex
+IMAGE_A = "ghcr.io/example/ctt@sha256:" + "a1" * 32
+IMAGE_B = "ghcr.io/example/ctt@sha256:" + "b2" * 32
+UNPULLABLE = "ghcr.io/example/ctt@sha256:" + "dd" * 32
+NAMESPACE = ENVIRONMENTS["production"].namespace
 
 
 @pytest.fixture(scope="module")
-def secured_server(tmp_path_factory):
+def colours(tmp_path_factory):
+    """Two model versions, each served by its own process: what images A and B would run."""
     name = f"ctt-release-{uuid.uuid4().hex[:8]}"
     previous = os.environ.get("CTT_MODEL_NAME")
     os.environ["CTT_MODEL_NAME"] = name
     folder = tmp_path_factory.mktemp("release-data")
-    learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]),
-          settings=LearnSettings(backbone="micro", epochs=1, progress=False))
+    settings = LearnSettings(backbone="micro", epochs=1, progress=False)
     try:
-        with bentoml_serve(env={"CTT_MODEL_NAME": name, "API_KEY": API_KEY}) as url:
-            yield url
+        tag_a = learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT]
+                                           + [(t, "money") for t in MONEY]), settings=settings).tag
+        tag_b = learn("question", write_jsonl(folder / "q.jsonl", [(t, "question") for t in QUESTION]
+                                              + [(t, "statement") for t in STATEMENT]), settings=settings).tag
+        env = {"CTT_MODEL_NAME": name, "API_KEY": API_KEY, "ENVIRONMENT": "test"}
+        with ExitStack() as stack_a, ExitStack() as stack_b, ThreadPoolExecutor(2) as pool:
+            # Both servers start at once: start-up is mostly waiting for the model to load.
+            url_a, url_b = pool.map(lambda pair: pair[0].enter_context(bentoml_serve(env={**env, "CTT_MODEL_TAG": pair[1]})),
+                                    [(stack_a, tag_a), (stack_b, tag_b)])
+            yield {"a": (IMAGE_A, tag_a, url_a), "b": (IMAGE_B, tag_b, url_b)}
     finally:
         if previous is None:
             os.environ.pop("CTT_MODEL_NAME", None)
@@ -32,41 +54,149 @@ def secured_server(tmp_path_factory):
             os.environ["CTT_MODEL_NAME"] = previous
 
 
-@pytest.mark.parametrize("script", ["smoke_tests.py", "integration_tests.py"])
-def test_deployment_scripts_pass_against_a_live_server(secured_server, script):
-    import subprocess
-    import sys
-
-    from tests.serving import PROJECT
-
-    result = subprocess.run([sys.executable, str(PROJECT / "scripts" / script), "--url", secured_server],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "API_KEY": API_KEY})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 failed" in result.stdout and "FAIL" not in result.stdout
-    assert "auth failure" in result.stdout and "SKIP" not in result.stdout
+@pytest.fixture
+def cluster(colours):
+    return StandInCluster(NAMESPACE, {image: url for image, _, url in colours.values()})
 
 
-def test_deployment_scripts_fail_when_the_service_is_down():
-    import subprocess
-    import sys
-
-    from tests.serving import PROJECT, free_port
-
-    result = subprocess.run([sys.executable, str(PROJECT / "scripts" / "smoke_tests.py"),
-                             "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "FAIL" in result.stdout
+def options(**overrides) -> ReleaseOptions:
+    values = dict(api_key=API_KEY, bake_seconds=1.0, bake_interval=0.3, live_timeout=10, rollout_timeout=5,
+                  request_timeout=30, max_latency_ms=5000, holder="test-run")
+    return ReleaseOptions(**{**values, **overrides})
 
 
-def test_promote_keeps_the_switch_when_smoke_tests_pass(secured_server, tmp_path, monkeypatch, capsys):
-    import json as json_
+class Log(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
 
-    from deploy.render import RELEASE_FILE, overlay_dir, render
+
+def known(cluster) -> list[tuple[str, str]]:
+    return [(k["image"], k["model_tag"]) for k in cluster.record.get("known_good", [])]
+
+
+def test_first_release_bootstraps_one_colour_and_leaves_the_other_at_zero(colours, cluster):
+    image, tag, _ = colours["a"]
+    message = release(cluster, "production", image, tag, options(), Log())
+    assert "is live on blue" in message
+    assert cluster.live() == "blue" and cluster.image_of("blue") == image
+    # No placeholder anywhere: the idle colour holds the same tested image, scaled to zero, and its
+    # HPA leaves it there; the live colour runs the HPA's minimum.
+    assert cluster.image_of("green") == image and cluster.replicas_of("green") == 0
+    assert cluster.replicas_of("blue") == ENVIRONMENTS["production"].autoscaling.min_replicas
+    assert known(cluster) == [(image, tag)] and cluster.record["lock"] is None
+
+
+def test_second_release_goes_to_the_idle_colour_and_a_rerun_is_a_no_op(colours, cluster):
+    (image_a, tag_a, _), (image_b, tag_b, _) = colours["a"], colours["b"]
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    log = Log()
+    assert "is live on green" in release(cluster, "production", image_b, tag_b, options(), log)
+    assert any("preview (green) checks" in line for line in log) and any("live (green) checks" in line for line in log)
+    assert cluster.live() == "green" and cluster.image_of("green") == image_b
+    assert cluster.image_of("blue") == image_a and cluster.replicas_of("blue") == 3  # kept warm
+    assert cluster.replicas_of("green") == 3  # scaled up from zero explicitly: the HPA would not
+    assert known(cluster) == [(image_b, tag_b), (image_a, tag_a)]
+    applies = cluster.calls.count("apply")
+    assert "nothing to do" in release(cluster, "production", image_b, tag_b, options(), Log())
+    assert cluster.calls.count("apply") == applies and cluster.live() == "green"
+
+
+def test_failed_preview_check_never_switches(colours, cluster):
+    (image_a, tag_a, _), (_, tag_b, _) = colours["a"], colours["b"]
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    # An image that serves version A, released as if it served B: the preview's /model says otherwise.
+    cluster.image_urls["ghcr.io/example/ctt@sha256:" + "c3" * 32] = colours["a"][2]
+    cluster.calls.clear()
+    with pytest.raises(ReleaseFailed, match=f"model tag: /model reports {tag_a}, expected {tag_b}.*not switched"):
+        release(cluster, "production", "ghcr.io/example/ctt@sha256:" + "c3" * 32, tag_b, options(), Log())
+    assert "patch service" not in cluster.calls and cluster.live() == "blue"
+    with pytest.raises(CTTError, match="ImagePullBackOff"):
+        release(cluster, "production", UNPULLABLE, tag_b, options(), Log())
+    assert cluster.live() == "blue" and known(cluster) == [(image_a, tag_a)] and cluster.record["lock"] is None
+
+
+def test_failed_live_check_switches_back_with_one_line(colours, cluster, monkeypatch, capsys):
     from training.cli import main
 
-    monkeypatch.setenv("API_KEY", API_KEY)
-    render("staging", "registry.example.com/ctt@sha256:" + "ab" * 32, tmp_path)
-    code = main(["deploy", "promote", "--env", "staging", "--to", "green", "--out", str(tmp_path),
-                 "--url", secured_server])
-    assert code == 0, capsys.readouterr().err
-    assert json_.loads((overlay_dir(tmp_path, "staging") / RELEASE_FILE).read_text())["active"] == "green"
+    (image_a, tag_a, _), (image_b, tag_b, _) = colours["a"], colours["b"]
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    monkeypatch.setattr("deploy.cli.connect", lambda env, context: cluster)
+    code = main(["deploy", "release", "--env", "production", "--image", image_b, "--model-tag", tag_b,
+                 "--api-key", API_KEY, "--bake-seconds", "1", "--max-latency-ms", "0.001"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0
+    assert error.startswith("ctt: error: bake: average latency") and "switched back to blue" in error
+    assert cluster.live() == "blue" and known(cluster) == [(image_a, tag_a)]
+
+
+def test_rerun_after_a_failure_half_way(colours, cluster):
+    (image_a, tag_a, _), (image_b, tag_b, _) = colours["a"], colours["b"]
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    cluster.fail_after("patch service")  # the switch lands, then the cluster is gone
+    with pytest.raises(ReleaseFailed, match="switching back to blue failed too"):
+        release(cluster, "production", image_b, tag_b, options(live_timeout=1), Log())
+    cluster.reachable()
+    assert cluster.live() == "green" and cluster.record["lock"]["holder"] == "test-run"  # the mess left behind
+    with pytest.raises(CTTError, match="being released by test-run.*ctt deploy unlock"):
+        release(cluster, "production", image_b, tag_b, options(holder="next-run"), Log())
+    assert unlock(cluster) == "test-run"
+    log = Log()
+    assert "is live on green" in release(cluster, "production", image_b, tag_b, options(holder="next-run"), log)
+    assert any("which no release completed: switched back to blue" in line for line in log)
+    assert known(cluster) == [(image_b, tag_b), (image_a, tag_a)] and cluster.record["lock"] is None
+
+
+def test_rollback_twice_in_a_row_never_returns_to_the_rolled_back_release(colours, cluster):
+    (image_a, tag_a, _), (image_b, tag_b, _) = colours["a"], colours["b"]
+    with pytest.raises(CTTError, match="nothing to roll back to"):
+        rollback(cluster, "production", options(), Log())
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    release(cluster, "production", image_b, tag_b, options(), Log())
+    assert "rolled back to" in rollback(cluster, "production", options(), Log())
+    assert cluster.live() == "blue" and cluster.image_of("blue") == image_a and known(cluster) == [(image_a, tag_a)]
+    with pytest.raises(CTTError, match="nothing earlier to roll back to"):
+        rollback(cluster, "production", options(), Log())
+    assert cluster.live() == "blue" and cluster.image_of("blue") == image_a
+
+
+def test_the_lock_admits_one_release_and_expires(cluster):
+    from deploy.release import release_lock
+
+    with release_lock(cluster, "production", options(holder="first"), Log()):
+        with pytest.raises(CTTError, match="being released by first"):
+            with release_lock(cluster, "production", options(holder="second"), Log()):
+                pass
+    assert cluster.record["lock"] is None
+    with release_lock(cluster, "production", options(holder="dead", lock_seconds=-1), Log()):
+        cluster.fail_after("get configmap", 0)  # the holder dies: its lock is never given back
+        cluster._down = True
+    cluster.reachable()
+    with release_lock(cluster, "production", options(holder="later"), Log()):  # stale: taken over
+        assert cluster.record["lock"]["holder"] == "later"
+
+
+def test_production_refuses_tags_in_one_line(capsys):
+    from training.cli import main
+
+    code = main(["deploy", "release", "--env", "production", "--image", "ghcr.io/example/ctt:1.0", "--model-tag", "ctt:x"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "ctt: error: production takes images by digest only (name@sha256:...), not 'ghcr.io/example/ctt:1.0'")
+
+
+@pytest.mark.parametrize("suite", ["smoke", "integration"])
+def test_checks_pass_against_a_live_server_and_the_wrappers_agree(colours, suite):
+    _, tag, url = colours["a"]
+    for command in ([str(PROJECT / ".venv" / "bin" / "ctt"), "check", suite, "--model-tag", tag],
+                    [sys.executable, str(PROJECT / "scripts" / f"{suite}_tests.py")]):
+        command = [sys.executable, "-m", "training.cli", *command[1:]] if command[0].endswith("ctt") else command
+        result = subprocess.run([*command, "--url", url], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "API_KEY": API_KEY}, cwd="/")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "0 failed" in result.stdout and "FAIL" not in result.stdout
+        assert "auth failure" in result.stdout and "SKIP" not in result.stdout
+
+
+def test_checks_fail_when_the_service_is_down():
+    from training.cli import main
+
+    assert main(["check", "smoke", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
