@@ -159,9 +159,10 @@ def test_rollback_twice_in_a_row_never_returns_to_the_rolled_back_release(colour
     assert cluster.live() == "blue" and cluster.image_of("blue") == image_a
 
 
-def test_the_lock_admits_one_release_and_expires(cluster):
+def test_the_lock_admits_one_release_and_expires():
     from deploy.release import release_lock
 
+    cluster = StandInCluster(NAMESPACE, {})  # the lock needs no servers
     with release_lock(cluster, "production", options(holder="first"), Log()):
         with pytest.raises(CTTError, match="being released by first"):
             with release_lock(cluster, "production", options(holder="second"), Log()):
@@ -200,3 +201,34 @@ def test_checks_fail_when_the_service_is_down():
     from training.cli import main
 
     assert main(["check", "smoke", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+
+
+def test_kubectl_implementation_issues_the_calls_the_interface_promises(tmp_path, monkeypatch):
+    """No API server here: a fake `kubectl` on PATH records its arguments and answers like the real one."""
+    from deploy.cluster import Kubectl, RecordConflict
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "kubectl"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+cat > /dev/null
+case "$*" in
+  *"get service ctt "*) echo '{{"spec": {{"selector": {{"app.kubernetes.io/color": "green"}}}}}}' ;;
+  *"get configmap"*) echo 'Error from server (NotFound): configmaps "ctt-release" not found' >&2; exit 1 ;;
+  *replace*) echo 'Error from server (Conflict): the object has been modified' >&2; exit 1 ;;
+esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    cluster = Kubectl("ctt-staging", context="staging")
+    assert cluster.live_color() == "green"
+    assert cluster.read_record() == ({}, None)
+    cluster.write_record({"known_good": []}, None)
+    with pytest.raises(RecordConflict):
+        cluster.write_record({"known_good": []}, "41")
+    cluster.point_service("ctt", "blue")
+    cluster.scale("blue", 0)
+    recorded = calls.read_text().splitlines()
+    assert all(line.startswith("--context staging --namespace ctt-staging ") for line in recorded)
+    assert "create --filename -" in recorded[2] and "replace --filename -" in recorded[3]
+    assert '"app.kubernetes.io/color": "blue"' in recorded[4] and recorded[5].endswith("scale deployment/ctt-blue --replicas=0")
