@@ -98,7 +98,7 @@ def _say(message: str) -> None:
 
 
 @contextmanager
-def store_lock(wait: bool = True, say: Callable[[str], None] = _say) -> Iterator[None]:
+def store_lock(wait: bool = True, say: Callable[[str], None] = _say, name: str | None = None) -> Iterator[None]:
     """Hold the store's lock: one writer at a time per model name, across processes.
 
     The lock is an OS file lock (``filelock``), so a killed holder releases it at once.
@@ -106,7 +106,7 @@ def store_lock(wait: bool = True, say: Callable[[str], None] = _say) -> Iterator
     from filelock import FileLock, Timeout
 
     state_dir().mkdir(parents=True, exist_ok=True)
-    path = str(state_dir() / f"{model_name()}.lock")
+    path = str(state_dir() / f"{name or model_name()}.lock")
     if _held.get(path):
         _held[path] += 1
         try:
@@ -158,7 +158,8 @@ def _interrupts_deferred() -> Iterator[list]:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None means a handler installed outside Python; Python's own is the sensible fallback.
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 # ----- versions ------------------------------------------------------------------------------
@@ -212,6 +213,29 @@ def read_record(folder: str | Path) -> dict:
 
 
 read_metrics = read_record  # the name the service and older code use
+
+
+def task_summaries(folder: str | Path) -> list[dict]:
+    """What ``/tasks`` serves, from the version's record: per task its labels, accuracy now and
+    when learned, the probe's accuracy and example counts. Versions registered before the record
+    held these fall back to the task registry's ``info``."""
+    from model.ctt import read_config
+
+    record = read_record(folder)
+    registry = read_config(Path(folder))
+    summaries = []
+    for task in registry["tasks"]:
+        name, info = task["name"], task.get("info") or {}
+        summaries.append({
+            "name": name,
+            "labels": record.get("labels", {}).get(name, task["labels"]),
+            "accuracy": record.get("accuracy", {}).get(name),
+            "learned_accuracy": record.get("learned_accuracy", {}).get(name, info.get("learned_accuracy")),
+            "probe_accuracy": record.get("probe_accuracy", {}).get(name, info.get("probe_accuracy")),
+            "examples": record.get("examples", {}).get(name) or {
+                key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info},
+        })
+    return summaries
 
 
 def _read_version(folder: Path) -> Version | None:
@@ -338,7 +362,7 @@ def register_version(
         info = _new_info(name, labels, metadata)
         tag = str(info.tag)
         version = info.tag.version
-        staged = staging_dir() / f"{name}-{version}"
+        staged = staging_dir() / f"{name}@{version}"
         final = _name_dir(name) / version
         staging_dir().mkdir(parents=True, exist_ok=True)
         staged.mkdir()
@@ -427,8 +451,14 @@ def store_problems(tag: str | None = None, check_all: bool = True) -> list[str]:
     return problems
 
 
+def staging_name(name: str, kind: str) -> str:
+    """A staging folder's name; '@' never occurs in a BentoML tag name, so one model's leftovers
+    never look like another's."""
+    return f"{name}@{kind}-{uuid.uuid4().hex[:8]}"
+
+
 def _leftovers() -> list[Path]:
-    prefix = f"{model_name()}-"
+    prefix = f"{model_name()}@"
     found = []
     if staging_dir().is_dir():
         found += [p for p in sorted(staging_dir().iterdir()) if p.name.startswith(prefix)]
@@ -464,13 +494,15 @@ def delete_version(tag: str, force: bool = False) -> str:
     with store_lock():
         wanted = normalise_tag(tag)
         name, _, version_name = wanted.partition(":")
+        if version_name == "latest":
+            raise CTTError("name the version to delete explicitly (ctt models lists them), not 'latest'")
         try:
             version = get_version(tag)
             target, full_tag = version.path, version.tag
         except CTTError:
             # A damaged folder (no readable model.yaml) can still be removed, by its exact name.
             target, full_tag = _name_dir(name) / version_name, wanted
-            if not force or not target.is_dir() or version_name == "latest":
+            if not force or not target.is_dir():
                 raise
         if not force:
             users = [f"stage {stage}" for stage, stack in read_stages().get("stages", {}).items()
@@ -481,7 +513,7 @@ def delete_version(tag: str, force: bool = False) -> str:
                                "(--force deletes it anyway)")
         # Move it out of the store in one rename first, so a kill never leaves half a version listed.
         staging_dir().mkdir(parents=True, exist_ok=True)
-        doomed = staging_dir() / f"{name}-deleted-{uuid.uuid4().hex[:8]}"
+        doomed = staging_dir() / staging_name(name, "deleted")
         os.rename(target, doomed)
         fsync_path(target.parent)
         _write_latest(name)
@@ -501,9 +533,12 @@ def read_stages() -> dict:
     if not path.is_file():
         return {"stages": {}, "history": []}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        stages = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
-        raise CTTError(f"{path} is not valid JSON; restore it or remove it to clear every stage") from None
+        stages = None
+    if not isinstance(stages, dict) or not isinstance(stages.get("stages", {}), dict):
+        raise CTTError(f"{path} is not a valid stages file; restore it or remove it to clear every stage")
+    return stages
 
 
 def _check_stage(stage: str) -> None:
@@ -517,12 +552,12 @@ def _record_stage(stage: str, entry: dict, action: str, stages: dict) -> None:
     write_atomically(_stages_path(), json.dumps(stages, indent=2) + "\n")
 
 
-def _entry(version: Version) -> dict:
+def _entry(version: Version, by: str | None) -> dict:
     return {"tag": version.tag, "digest": version.digest, "at": datetime.now(timezone.utc).isoformat(),
-            "by": os.environ.get("USER") or "unknown"}
+            "by": by or "unknown"}
 
 
-def set_stage(tag: str, stage: str) -> Version:
+def set_stage(tag: str, stage: str, by: str | None = None) -> Version:
     """Approve ``tag`` for ``stage`` (after verifying every file of it)."""
     _check_stage(stage)
     with store_lock():
@@ -530,13 +565,13 @@ def set_stage(tag: str, stage: str) -> Version:
         version.verify()
         stages = read_stages()
         stack = stages.setdefault("stages", {}).setdefault(stage, [])
-        entry = _entry(version)
+        entry = _entry(version, by)
         stack.append(entry)
         _record_stage(stage, entry, "set", stages)
     return version
 
 
-def rollback_stage(stage: str) -> Version:
+def rollback_stage(stage: str, by: str | None = None) -> Version:
     """Return ``stage`` to the version it had before the current approval."""
     _check_stage(stage)
     with store_lock():
@@ -549,7 +584,7 @@ def rollback_stage(stage: str) -> Version:
         if version.verify() != previous["digest"]:
             raise CTTError(f"cannot roll {stage} back to {previous['tag']}: it differs from the version approved then")
         stack.pop()
-        _record_stage(stage, _entry(version), "rollback", stages)
+        _record_stage(stage, _entry(version, by), "rollback", stages)
     return version
 
 

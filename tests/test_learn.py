@@ -59,6 +59,10 @@ def test_registry_round_trip(empty_store, topic_files, micro_settings):
     assert {k: version.metadata[k] for k in ("accuracy", "mean_accuracy", "tasks")} == \
         {k: record[k] for k in ("accuracy", "mean_accuracy", "tasks")}
     assert task.info == {}  # the registry holds no copy of any measurement
+    assert store.task_summaries(version.path) == [{
+        "name": "topic", "labels": ["money", "sport"], "accuracy": report.accuracy["topic"],
+        "learned_accuracy": report.accuracy["topic"], "probe_accuracy": report.probe_accuracy["topic"],
+        "examples": record["examples"]["topic"]}]
     assert store.get_version(version.tag.split(":")[1]).tag == version.tag  # bare version accepted
 
 

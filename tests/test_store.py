@@ -276,6 +276,8 @@ def test_delete_refuses_referenced_versions_unless_forced(capsys, registered, qu
     assert [v.tag for v in store.list_versions()] == [child.tag]
     code, _, err = run(capsys, "models", "delete", "nosuchversion")
     assert code == 2 and "not in the BentoML model store" in err
+    code, _, err = run(capsys, "models", "delete", store.model_name())
+    assert code == 2 and "not 'latest'" in err
     assert_store_sound()
 
 
@@ -323,7 +325,9 @@ def test_a_stage_pins_the_digest_of_the_approved_version(capsys, registered):
 # ----- listing and repair ----------------------------------------------------------------------
 def test_leftovers_are_ignored_by_listing_and_removed_by_repair(capsys, registered):
     version, _ = registered
-    leftover = store.staging_dir() / f"{store.model_name()}-abandoned"
+    leftover = store.staging_dir() / f"{store.model_name()}@abandoned"
+    other_models = store.staging_dir() / f"{store.model_name()}-other@1234"  # another model's: left alone
+    other_models.mkdir(parents=True)
     leftover.mkdir(parents=True)
     (leftover / "tasks.safetensors").write_bytes(b"partial")
     stray = store.models_dir() / store.model_name() / "halfcopied"  # as BentoML's copytree leaves one
@@ -332,7 +336,7 @@ def test_leftovers_are_ignored_by_listing_and_removed_by_repair(capsys, register
     code, out, _ = run(capsys, "verify")
     assert code == 1 and "leftover" in out and "halfcopied" in out
     code, _, err = run(capsys, "verify", "--repair")
-    assert "removed" in err and not leftover.exists()
+    assert "removed" in err and not leftover.exists() and other_models.exists()
     assert run(capsys, "models", "delete", "--force", f"{store.model_name()}:halfcopied")[0] == 0
     assert run(capsys, "verify", "--all")[0] == 0
 

@@ -19,7 +19,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from model.errors import CTTError
 from model.integrity import fsync_path, fsync_tree, sha256_file, verify_version, version_problems
 from model.store import (
     Version, _versions_of, _write_latest, checkpoint, get_version, list_versions, models_dir, staging_dir,
-    store_lock,
+    staging_name, store_lock,
 )
 
 CATALOGUE = "ctt-backup.json"
@@ -182,7 +181,7 @@ def _import_one(archive: Path, entry: dict) -> str:
     from bentoml._internal.models.model import ModelStore
 
     name, _, version_name = entry["tag"].partition(":")
-    with store_lock():
+    with store_lock(name=name):
         existing = {v.tag: v for v in _versions_of(name)}
         if entry["tag"] in existing:
             present = existing[entry["tag"]]
@@ -196,7 +195,7 @@ def _import_one(archive: Path, entry: dict) -> str:
             raise CTTError(f"{entry['tag']}: a damaged folder of that name is in the store; "
                            f"remove it first ('ctt models delete --force {entry['tag']}')")
         staging_dir().mkdir(parents=True, exist_ok=True)
-        scratch = staging_dir() / f"{name}-import-{uuid.uuid4().hex[:8]}"
+        scratch = staging_dir() / staging_name(name, "import")
         try:
             imported = Path(bentoml.models.import_model(str(archive), _model_store=ModelStore(scratch)).path)
             if str(bentoml.models.get(entry["tag"], _model_store=ModelStore(scratch)).tag) != entry["tag"]:

@@ -131,11 +131,12 @@ def cmd_import(args) -> int:
 def cmd_stage(args) -> int:
     from model.store import STAGES, read_stages, rollback_stage, set_stage, stage_version
 
+    approver = os.environ.get("USER")  # recorded in the stage history
     if args.stage_command == "set":
-        version = set_stage(args.tag, args.stage)
+        version = set_stage(args.tag, args.stage, by=approver)
         print(f"{args.stage}: {version.tag}")
     elif args.stage_command == "rollback":
-        version = rollback_stage(args.stage)
+        version = rollback_stage(args.stage, by=approver)
         print(f"{args.stage}: {version.tag}")
     elif args.stage:  # show one stage: its tag alone on stdout, for scripts (make bento STAGE=...)
         print(stage_version(args.stage).tag)
