@@ -105,7 +105,10 @@ def store_lock(wait: bool = True, say: Callable[[str], None] = _say, name: str |
     """
     from filelock import FileLock, Timeout
 
-    state_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CTTError(f"cannot create the model store's lock folder {state_dir()}: {exc.strerror}") from None
     path = str(state_dir() / f"{name or model_name()}.lock")
     if _held.get(path):
         _held[path] += 1
@@ -134,9 +137,8 @@ def store_lock(wait: bool = True, say: Callable[[str], None] = _say, name: str |
 def _lock_is_free() -> bool:
     from filelock import FileLock, Timeout
 
-    state_dir().mkdir(parents=True, exist_ok=True)
     path = str(state_dir() / f"{model_name()}.lock")
-    if _held.get(path):
+    if _held.get(path) or not Path(path).exists():  # nobody ever locked this store: no writer now
         return True
     lock = FileLock(path, thread_local=False, is_singleton=False)
     try:

@@ -69,10 +69,8 @@ def select_versions(tags: list[str], range_spec: str | None, everything: bool) -
 
 
 # ----- export --------------------------------------------------------------------------------
-def export_versions(versions: list[Version], destination: str | Path) -> tuple[Path, str]:
-    """Write a backup; returns its path and digest (the tar file's sha256, or the catalogue's)."""
-    import bentoml
-
+def check_destination(destination: str | Path) -> Path:
+    """A backup never overwrites anything: a new .tar file, or a new or empty folder."""
     # Absolute: BentoML's exporter reads a relative path as one under the filesystem root.
     destination = Path(destination).absolute()
     as_tar = destination.suffix == ".tar"
@@ -80,6 +78,15 @@ def export_versions(versions: list[Version], destination: str | Path) -> tuple[P
         raise CTTError(f"{destination} already exists; choose a new file or an empty folder")
     if not destination.parent.is_dir():
         raise CTTError(f"{destination.parent} is not a folder")
+    return destination
+
+
+def export_versions(versions: list[Version], destination: str | Path) -> tuple[Path, str]:
+    """Write a backup; returns its path and digest (the tar file's sha256, or the catalogue's)."""
+    import bentoml
+
+    destination = check_destination(destination)
+    as_tar = destination.suffix == ".tar"
     all_versions = {v.tag: v for v in list_versions()}
     # Built beside the destination and moved into place last: an interrupted export leaves no
     # backup that looks complete.

@@ -110,8 +110,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from training.backup import export_versions, select_versions
+    from training.backup import check_destination, export_versions, select_versions
 
+    check_destination(args.out)  # before any work: a mistyped --out costs nothing
     versions = select_versions(args.tags, args.range, args.all)
     path, digest = export_versions(versions, args.out)
     for version in versions:
