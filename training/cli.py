@@ -201,6 +201,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_feedback(args) -> int:
+    from training.feedback import export_feedback, open_from_environ, parse_age, parse_since
+
+    # Options are checked before the database is opened: a typo costs nothing.
+    since = parse_since(args.since) if getattr(args, "since", None) else None
+    older_than = parse_age(args.older_than) if args.feedback_command == "prune" else None
+    database = open_from_environ()
+    try:
+        if args.feedback_command == "export":
+            done = export_feedback(database, args.task, Path(args.out), since)
+            print(f"{done['examples']} example(s) of task {args.task!r} from {done['rows']} row(s) "
+                  f"(newest label per text, up to id {done['up_to_id']}) in {database.public_url}", file=sys.stderr)
+            print(done["out"])
+        elif args.feedback_command == "prune":
+            print(f"deleted {database.prune(older_than)} row(s) older than {args.older_than} from {database.public_url}")
+        elif args.feedback_command == "stats":
+            from model.feedback.api import stats_document
+
+            document = stats_document(database.stats(since), version="-", version_accuracy={}, since=since)
+            if args.json:
+                _print_json(document)
+                return 0
+            rows = [[t["task"], source, s["rows"], s["with_prediction"], s["agreement"], t["first"], t["last"]]
+                    for t in document["tasks"] for source, s in t["sources"].items()]
+            _table(["task", "source", "rows", "with prediction", "agreement", "first", "last"], rows)
+        elif args.feedback_command == "migrate":
+            print(f"{database.public_url} at migration {database.migrate()}")
+    finally:
+        database.close()
+    return 0
+
+
 def cmd_data(args) -> int:
     from training.demo import DERIVED_TASKS, export_tasks
 
@@ -308,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=1000)
     p.add_argument("--test-limit", type=int, default=400)
     p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("feedback", help="production feedback: export for learning, prune, live accuracy")
+    feedback_sub = p.add_subparsers(dest="feedback_command", metavar="export|prune|stats|migrate", required=True)
+    f = feedback_sub.add_parser("export", help="a task's feedback as a labelled JSONL file (newest label per text)")
+    f.add_argument("--task", required=True)
+    f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
+    f.add_argument("--out", required=True, help="the .jsonl file to write")
+    f = feedback_sub.add_parser("prune", help="delete rows older than an age (they hold users' text)")
+    f.add_argument("--older-than", required=True, help="an age: 90d, 12h, 30m, 2w (a bare number is days)")
+    f = feedback_sub.add_parser("stats", help="rows and agreement with served predictions, per task and source")
+    f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
+    f.add_argument("--json", action="store_true")
+    feedback_sub.add_parser("migrate", help="bring the database schema up to date (the service also does this)")
+    p.set_defaults(run=cmd_feedback)
 
     add_deploy_parser(sub)
     return parser
