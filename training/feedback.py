@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Mapping
 
 from model.errors import CTTError
+from model.feedback.api import parse_age, parse_since  # noqa: F401  (the CLI's options)
 from model.feedback.database import FeedbackDatabase, default_data_dir, latest_labels, open_database, utc_now
 from model.settings import SecretSource
 from training.data import Example
 
-AGE_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 DEFAULT_TIMEOUT_S = 5.0
 
 
@@ -27,24 +26,6 @@ def open_from_environ(environ: Mapping[str, str] | None = None) -> FeedbackDatab
     configured = SecretSource("DATABASE_URL", environ).get()
     timeout = float(environ.get("CTT_DB_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     return open_database(configured, default_data_dir(environ), timeout_s=timeout)
-
-
-def parse_age(text: str, option: str = "--older-than") -> timedelta:
-    """``90d``, ``12h``, ``30m``, ``2w``; a bare number is days."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw]?)\s*", text or "")
-    if not match:
-        raise CTTError(f"{option} {text!r}: give an age such as 90d, 12h, 30m or 2w")
-    return float(match.group(1)) * AGE_UNITS[match.group(2) or "d"]
-
-
-def parse_since(text: str) -> datetime:
-    """An ISO date or time (UTC), or an age back from now (``7d``)."""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return utc_now() - parse_age(text, "--since")
-    # Rows are stored in UTC without a zone; a time given with a zone is converted to it.
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 @dataclass

@@ -5,18 +5,46 @@ live-accuracy alert reads."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta, timezone
 from typing import Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.feedback.database import FeedbackItem
+from model.errors import CTTError
+from model.feedback.database import FeedbackItem, utc_now
 from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS
 from model.serving import echo, text_problem
 
 FEEDBACK_PATH = "/feedback"
 FEEDBACK_STATS_PATH = "/feedback/stats"
 LISTED = 20  # an unknown task's or label's error lists this many known ones
+AGE_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
+def parse_age(text: str, option: str = "--older-than") -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``2w``; a bare number is days."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw]?)\s*", text or "")
+    if not match:
+        raise CTTError(f"{option} {text!r}: give an age such as 90d, 12h, 30m or 2w")
+    try:
+        return float(match.group(1)) * AGE_UNITS[match.group(2) or "d"]
+    except OverflowError:
+        raise CTTError(f"{option} {text!r}: too long an age") from None
+
+
+def parse_since(text: str, option: str = "--since") -> datetime:
+    """An ISO date or time (UTC), or an age back from now (``7d``)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        age = parse_age(text, option)
+        try:
+            return utc_now() - age
+        except OverflowError:
+            raise CTTError(f"{option} {text!r}: too long an age") from None
+    # Rows are stored in UTC without a zone; a time given with a zone is converted to it.
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -147,4 +175,4 @@ class FeedbackMetrics:
 
 
 __all__ = ["FEEDBACK_PATH", "FEEDBACK_STATS_PATH", "FeedbackAccepted", "FeedbackMetrics", "feedback_request_model",
-           "stats_document"]
+           "parse_age", "parse_since", "stats_document"]

@@ -57,6 +57,13 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "ctt-data"
 
 
+def data_dir_for(configured: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """The feedback folder: CTT_DATA_DIR's value when set, else ctt-data in the BentoML home."""
+    import os
+
+    return Path(configured) if configured else default_data_dir(os.environ if environ is None else environ)
+
+
 def redact(url: str) -> str:
     """A database URL as a log line or error may show it: without its password."""
     try:
@@ -326,5 +333,5 @@ def open_database(configured_url: str | None, data_dir: Path, timeout_s: float =
     return FeedbackDatabase(database_url(configured_url, data_dir), timeout_s=timeout_s)
 
 
-__all__ = ["AddResult", "FeedbackDatabase", "FeedbackItem", "FeedbackUnavailable", "database_url",
+__all__ = ["AddResult", "FeedbackDatabase", "FeedbackItem", "FeedbackUnavailable", "data_dir_for", "database_url",
            "default_data_dir", "latest_labels", "normalise_url", "open_database", "redact", "utc_now"]
