@@ -53,6 +53,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/learn.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/overload.py
 	$(BIN)/python benchmarks/continual.py
 
 # `make bento STAGE=production` builds the version approved for that stage (`ctt stage set`),

@@ -1,29 +1,36 @@
 """The CTT BentoML service: every task of one model version behind one batched endpoint.
 
 `bentoml serve` serves the newest `ctt` version in the local store (or CTT_MODEL_TAG);
-`bentoml build` pins the exact version into the bento. Requests from many clients, for many
-tasks, are merged by BentoML's adaptive batching into one forward pass of the shared backbone.
+`bentoml build` pins the exact version into the bento. Each worker merges the items of
+concurrent requests, for any mix of tasks, into shared forward passes (model/batching.py); this
+file is glue between BentoML, the settings, the model and those parts.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
 import bentoml
-import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.ctt import ContinualTinyTransformer, read_config
+from model.batching import BatchFailed, ContinuousBatcher, ItemFailed, Overloaded
 from model.errors import CTTError
-from model.serving import (CLASSIFY_PATH, HEALTH_PATH, MODEL_PATH, TASKS_PATH, AuthMiddleware, BodyLimitMiddleware,
-                           Credentials, Metrics, Prediction, configure_json_logging, items_field, set_known_tasks)
+from model.lifecycle import Activity, ActivityMiddleware, RetryingLoader, ServerReadiness, drain_then_shut_down
+from model.serving import (CLASSIFY_PATH, HEALTH_PATH, INTERNAL_PATHS, JSON_BODY_PATHS, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH,
+                           AuthMiddleware, BodyLimitMiddleware, Credentials, JSONOnlyMiddleware, ErrorBody, Metrics, Prediction, Problem,
+                           RetryAfterMiddleware, bound_request_metric_paths, classify_request_model,
+                           configure_json_logging, echo)
+from model.registry import read_config
 from model.settings import SecretSource, Settings, check_startup_credentials
-from model.store import read_metrics
+
+# torch and the model are imported in the workers only (see __init__): BentoML's supervisor
+# process imports this file too, and without them it starts in a fraction of the time.
 
 try:
     settings = Settings.from_environ()
@@ -36,8 +43,52 @@ except CTTError as problem:
     raise SystemExit(2) from None
 
 logger = logging.getLogger("ctt")
-routes = FastAPI(title="CTT read-only routes")
-Items = items_field(settings.max_items, settings.max_text_chars)
+activity = Activity()  # this worker's public API requests, for the drain on SIGTERM
+MODEL_TAG = settings.model_tag or f"{settings.model_name}:latest"
+
+
+def served_task_names() -> list[str]:
+    """The task names of the version this service will serve, for the request schema. Empty when
+    the version cannot be read here (the service then fails at start with BentoML's own error)."""
+    try:
+        return [task["name"] for task in read_config(Path(bentoml.models.get(MODEL_TAG).path))["tasks"]]
+    except Exception:
+        return []
+
+
+ClassifyRequest = classify_request_model(served_task_names(), settings.max_items, settings.max_text_chars)
+ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
+    (400, "The body is not a valid request: `problems` names each item and field."),
+    (401, "Missing or invalid credentials."),
+    (413, "The body is larger than CTT_MAX_BODY_BYTES."),
+    (415, "The body is not JSON."),
+    (422, "An item passed validation but the model could not process it; `problems` names it."),
+    (503, "The model is loading or the worker's queue is full: retry after the Retry-After header."))}
+routes = FastAPI(title="CTT", description="Every task of one continual-learning model, one batched endpoint.")
+
+
+def error(status: int, message: str, problems: list[Problem] = (), headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=message, problems=list(problems)).model_dump(), status_code=status,
+                        headers=headers)
+
+
+@routes.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body that is not JSON at all, 404, 405) in the one error shape."""
+    if exc.status_code < 500:
+        logger.info(f"{exc.status_code} {request.url.path}: {exc.detail}")
+    return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+@routes.exception_handler(RequestValidationError)
+async def rejected(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A client's mistake: a 400 naming each item and field, logged as one INFO line."""
+    problems = [Problem(loc=[part for part in e["loc"] if part != "body"],
+                        message=e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+    first = problems[0] if problems else None
+    summary = f"{'.'.join(map(str, first.loc)) or 'body'}: {first.message}" if first else "invalid body"
+    logger.info(f"400 {request.url.path}: {echo(summary) if len(summary) > 200 else summary}")
+    return error(400, f"{len(problems)} problem(s) in the request body", problems)
 
 
 @bentoml.service(
@@ -49,7 +100,7 @@ Items = items_field(settings.max_items, settings.max_text_chars)
 )
 @bentoml.asgi_app(routes, path="/")
 class CTT:
-    model_ref = bentoml.models.BentoModel(settings.model_tag or f"{settings.model_name}:latest")
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     @bentoml.on_deployment
     def warn_when_open() -> None:
@@ -60,64 +111,98 @@ class CTT:
                 "open to anyone who can reach it (development and test only)")
 
     def __init__(self) -> None:
+        import torch
+
+        from model.store import read_record, task_summaries
+
         configure_json_logging(settings)
         torch.set_num_threads(settings.torch_threads)
         # Inside a running service the class attribute is the resolved store entry.
         folder = Path(self.model_ref.path)
         self.tag = str(self.model_ref.tag)
         self.info = self.model_ref.info
-        # The task registry is a small JSON file: read it now so requests can be validated at
-        # once, while the backbone loads and warms up in the background (readiness waits).
         self.registry = read_config(folder)
-        self.metrics_summary = read_metrics(folder)
-        self.labels = {t["name"]: t["labels"] for t in self.registry["tasks"]}
-        set_known_tasks(self.labels, settings.max_text_chars)
+        self.metrics_summary = read_record(folder)
+        self.task_summaries = task_summaries(folder)
         self.metrics = Metrics(settings.monitoring_enabled)
-        self.model: ContinualTinyTransformer | None = None
-        self.load_error: str | None = None
-        self._loader = threading.Thread(target=self._load, args=(folder,), name="ctt-model-loader", daemon=True)
-        self._loader.start()
+        self.readiness = ServerReadiness(settings.workers)
+        self.batcher = ContinuousBatcher(self._forward, settings.max_batch_size, settings.max_queued_items,
+                                         settings.retry_after_s, healthy=self._warm_up)
+        # The backbone loads and warms up in the background; readiness waits for every worker.
+        self.loader = RetryingLoader(lambda: self._load(folder), settings.load_attempts,
+                                     on_loaded=self._loaded).start()
 
-    def _load(self, folder: Path) -> None:
-        try:
-            started = time.perf_counter()
-            model = ContinualTinyTransformer.load(folder, settings.max_tasks)
-            model.logits(["warm-up"] * len(model.tasks), model.task_names)  # every task once
-            self.model = model
-            self.metrics.record_model(self.tag, settings.environment, len(model.tasks))
-            logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone "
-                        f"{model.backbone.info.spec}, loaded and warmed up in {time.perf_counter() - started:.1f} s")
-        except Exception:  # surfaced through readiness and /health, not a crash loop
-            # The exception (paths, internals) goes to the log only; /health says what happened.
-            self.load_error = "the model failed to load; the service log has the reason"
-            logger.exception(f"model {self.tag} failed to load")
+    def _load(self, folder: Path):
+        from model.ctt import ContinualTinyTransformer
+        from model.integrity import verify_version
+
+        # Every file against the digests recorded at registration: a tampered or damaged version
+        # never serves, and its CTTError (naming the file) is what /health shows.
+        verify_version(folder)
+        model = ContinualTinyTransformer.load(folder, settings.max_tasks)
+        self._warm_up(model)
+        return model
+
+    def _warm_up(self, model=None) -> bool:
+        """Every task once on a known-good text (also the batcher's health probe)."""
+        model = model or self.loader.value
+        model.logits(["warm-up"] * len(model.tasks), model.task_names)
+        return True
+
+    def _loaded(self, model) -> None:
+        self.metrics.record_model(self.tag, settings.environment, len(model.tasks))
+        self.readiness.mark_ready()
+        logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone {model.backbone.info.spec}")
+
+    @bentoml.on_startup
+    def drain_on_sigterm(self) -> None:
+        drain_then_shut_down(self.readiness, activity, settings.shutdown_drain_s)
+
+    @bentoml.on_shutdown
+    def stop_forward_thread(self) -> None:
+        self.batcher.shutdown()
 
     def __is_ready__(self) -> bool:
-        return self.model is not None
+        return self.loader.value is not None and self.readiness.all_ready()
 
-    @bentoml.api(route=CLASSIFY_PATH, batchable=True, max_batch_size=settings.max_batch_size,
-                 max_latency_ms=settings.max_latency_ms)
-    def classify(self, items: Items) -> list[Prediction]:
-        """Classify texts, each for its own task. Every item's task must be a learned task."""
-        if self.model is None:
-            raise bentoml.exceptions.ServiceUnavailable(self.load_error or "model is still loading")
+    def __is_alive__(self) -> bool:
+        return not self.loader.gave_up
+
+    def _forward(self, items: list) -> list[Prediction]:
+        """One forward pass over items from any number of requests (runs in the forward thread)."""
+        model = self.loader.value
+        assert model is not None
         tasks = [item.task for item in items]
         started = time.perf_counter()
-        predictions = self.model.predict([item.text for item in items], tasks, batch_size=len(items))
+        predictions = model.predict([item.text for item in items], tasks, batch_size=settings.max_batch_size)
         self.metrics.record_batch(tasks, time.perf_counter() - started)
         return [Prediction(task=p.task, label=p.label, score=p.score,
                            probabilities=p.probabilities if item.probabilities else None)
                 for item, p in zip(items, predictions)]
 
+    @routes.post(CLASSIFY_PATH, response_model=list[Prediction], responses=ERRORS)
+    async def classify(self, request: Request, body: ClassifyRequest):  # type: ignore[valid-type]
+        """Classify texts, each for its own task; items of concurrent requests share forward passes."""
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        if self.loader.value is None:
+            return error(503, self.loader.public_problem or "the model is still loading", headers=retry)
+        try:
+            return await self.batcher.submit(body.items)
+        except Overloaded as exc:
+            self.metrics.record_shed()
+            return error(503, str(exc), headers=retry)
+        except ItemFailed as exc:
+            logger.warning(f"422 {CLASSIFY_PATH}: {exc}")
+            return error(422, str(exc), [Problem(loc=["items", exc.index, "text"], message=str(exc))])
+        except BatchFailed:
+            return error(500, "the forward pass failed; the service log has the reason")
+        finally:
+            self.metrics.record_queue(self.batcher.queued_items)
+
     @routes.get(TASKS_PATH)
     def tasks(self) -> dict:
         """Learned tasks with their labels and accuracies."""
-        accuracy = self.metrics_summary.get("accuracy", {})
-        return {"version": self.tag, "tasks": [
-            {"name": t["name"], "labels": t["labels"], "accuracy": accuracy.get(t["name"]),
-             "learned_accuracy": t["info"].get("learned_accuracy"),
-             "probe_accuracy": t["info"].get("probe_accuracy")}
-            for t in self.registry["tasks"]]}
+        return {"version": self.tag, "tasks": self.task_summaries}
 
     @routes.get(MODEL_PATH)
     def model_card(self) -> dict:
@@ -133,16 +218,23 @@ class CTT:
 
     @routes.get(HEALTH_PATH)
     def health(self):
-        """Ready (200) once the model is loaded and warmed up; 503 with the reason until then."""
-        body = {"status": "ok" if self.model else "loading" if not self.load_error else "failed",
-                "model": self.tag, "environment": settings.environment}
-        if self.load_error:
-            body["error"] = self.load_error
-        return JSONResponse(body, status_code=200 if self.model else 503)
+        """This worker: 200 once its model is loaded and warmed up; 503 with the state until then."""
+        loaded = self.loader.value is not None
+        status = "ok" if loaded else "failed" if self.loader.gave_up else "loading"
+        body = {"status": status, "model": self.tag, "environment": settings.environment,
+                "ready_workers": self.readiness.ready_workers(), "workers": settings.workers}
+        if self.loader.public_problem:
+            body["problem"] = self.loader.public_problem
+        headers = None if loaded else {"Retry-After": str(settings.retry_after_s)}
+        return JSONResponse(body, status_code=200 if loaded else 503, headers=headers)
 
 
-# Starlette wraps middlewares in the order added, the first outermost: auth (headers only) runs
-# before the body limit reads a body.
+# Unknown paths share one metrics label instead of adding series (BentoML labels raw paths).
+bound_request_metric_paths(frozenset(PUBLIC_API_PATHS + INTERNAL_PATHS), ("/static_content/",))
+# Starlette wraps middlewares in the order added, the first outermost: Retry-After on every 503,
+# then auth (headers only), then the body limit reads a body.
+CTT.add_asgi_middleware(RetryAfterMiddleware, retry_after_s=settings.retry_after_s)
 CTT.add_asgi_middleware(AuthMiddleware, credentials=credentials)
 CTT.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-
+CTT.add_asgi_middleware(JSONOnlyMiddleware, paths=frozenset(JSON_BODY_PATHS))
+CTT.add_asgi_middleware(ActivityMiddleware, activity=activity, paths=frozenset(PUBLIC_API_PATHS))

@@ -25,11 +25,19 @@ def alert_rules(namespace: str) -> list[dict]:
     pods = _pods(namespace)
     container = f'{pods}, container="{APP}"'
     return [
+        # 503 is deliberate shedding (queue full, model loading), counted by CTTSaturated instead.
         {"alert": "CTTHighErrorRate", "for": "5m", "labels": {"severity": "critical"},
-         "expr": f'sum(rate(bentoml_service_request_total{{{service}, http_response_code=~"5.."}}[5m]))'
+         "expr": f'sum(rate(bentoml_service_request_total{{{service}, http_response_code=~"5..", '
+                 f'http_response_code!="503"}}[5m]))'
                  f' / sum(rate(bentoml_service_request_total{{{service}}}[5m])) > 0.05',
-         "annotations": {"summary": "More than 5 % of /classify requests fail with 5xx",
+         "annotations": {"summary": "More than 5 % of /classify requests fail with a server error",
                          "description": "{{ $value | humanizePercentage }} of requests failed over 5 minutes."}},
+        {"alert": "CTTSaturated", "for": "10m", "labels": {"severity": "warning"},
+         "expr": f'sum(rate(bentoml_service_request_total{{{service}, http_response_code="503"}}[5m]))'
+                 f' / sum(rate(bentoml_service_request_total{{{service}}}[5m])) > 0.05',
+         "annotations": {"summary": "More than 5 % of /classify requests are shed with 503: add capacity",
+                         "description": "{{ $value | humanizePercentage }} of requests were refused over 5 minutes "
+                                        "(queue full or model loading); raise the HPA maximum or replicas."}},
         {"alert": "CTTHighLatency", "for": "5m", "labels": {"severity": "warning"},
          "expr": f"sum(rate(bentoml_service_request_duration_seconds_sum{{{service}}}[5m]))"
                  f" / sum(rate(bentoml_service_request_duration_seconds_count{{{service}}}[5m])) > 0.2",
@@ -72,9 +80,10 @@ def rule_tests(namespace: str, rules_file: str) -> dict:
     request = {"namespace": namespace, "endpoint": "/classify"}
     pod = {"namespace": namespace, "pod": f"{APP}-blue-7d9f-abcde", "container": APP}
 
-    def requests(ok_per_min: int, failed_per_min: int) -> list[dict]:
+    def requests(ok_per_min: int, failed_per_min: int, shed_per_min: int = 0) -> list[dict]:
         return [_series("bentoml_service_request_total", {**request, "http_response_code": "200"}, f"0+{ok_per_min}x30"),
-                _series("bentoml_service_request_total", {**request, "http_response_code": "500"}, f"0+{failed_per_min}x30")]
+                _series("bentoml_service_request_total", {**request, "http_response_code": "500"}, f"0+{failed_per_min}x30"),
+                _series("bentoml_service_request_total", {**request, "http_response_code": "503"}, f"0+{shed_per_min}x30")]
 
     def latency(seconds_per_request: float) -> list[dict]:
         return [_series("bentoml_service_request_duration_seconds_sum", request, f"0+{60 * seconds_per_request}x30"),
@@ -102,9 +111,16 @@ def rule_tests(namespace: str, rules_file: str) -> dict:
     crash = {**pod, "reason": "CrashLoopBackOff"}
     tests = [
         case(requests(90, 10), "CTTHighErrorRate", {"labels": {"severity": "critical"}, "annotations": {
-            "summary": "More than 5 % of /classify requests fail with 5xx",
+            "summary": "More than 5 % of /classify requests fail with a server error",
             "description": "10% of requests failed over 5 minutes."}}),
         case(requests(99, 1), "CTTHighErrorRate", None),
+        # Deliberate shedding is saturation, not an error.
+        case(requests(70, 0, 30), "CTTHighErrorRate", None),
+        case(requests(70, 0, 30), "CTTSaturated", {"labels": {"severity": "warning"}, "annotations": {
+            "summary": "More than 5 % of /classify requests are shed with 503: add capacity",
+            "description": "30% of requests were refused over 5 minutes (queue full or model loading); "
+                           "raise the HPA maximum or replicas."}}),
+        case(requests(99, 0, 1), "CTTSaturated", None),
         case(latency(0.35), "CTTHighLatency", {"labels": {"severity": "warning"}, "annotations": {
             "summary": "Average /classify latency above 200 ms",
             "description": "Average latency is 350ms over 5 minutes."}}),
@@ -129,8 +145,12 @@ def dashboard(spec: EnvironmentSpec) -> dict:
     ns = f'namespace="{spec.namespace}"'
     panels = [
         ("Requests per second by endpoint", f"sum by (endpoint) (rate(bentoml_service_request_total{{{ns}}}[5m]))", "reqps"),
-        ("Error ratio (5xx)", f'sum(rate(bentoml_service_request_total{{{ns}, http_response_code=~"5.."}}[5m])) '
-                              f"/ sum(rate(bentoml_service_request_total{{{ns}}}[5m]))", "percentunit"),
+        ("Error ratio (5xx but 503)", f'sum(rate(bentoml_service_request_total{{{ns}, http_response_code=~"5..", '
+                                      f'http_response_code!="503"}}[5m])) '
+                                      f"/ sum(rate(bentoml_service_request_total{{{ns}}}[5m]))", "percentunit"),
+        ("Shed ratio (503) and queued items", [
+            f'sum(rate(bentoml_service_request_total{{{ns}, http_response_code="503"}}[5m])) '
+            f"/ sum(rate(bentoml_service_request_total{{{ns}}}[5m]))", f"sum(ctt_queued_items{{{ns}}})"], "short"),
         ("Latency p50 / p95 / p99 (/classify)", [
             f"histogram_quantile({q}, sum by (le) (rate(bentoml_service_request_duration_seconds_bucket{{{ns}, {CLASSIFY}}}[5m])))"
             for q in (0.5, 0.95, 0.99)], "s"),

@@ -24,14 +24,13 @@ from torch import nn
 
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
+from model.registry import CONFIG_FILE, FORMAT_VERSION, read_config
 from model.settings import default
 
 DEFAULT_MAX_TASKS: int = default("MAX_TASKS")
 DEFAULT_MAX_LENGTH = 64
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WEIGHTS_FILE = "tasks.safetensors"
-CONFIG_FILE = "ctt.json"
-FORMAT_VERSION = 1
 
 
 def check_task_name(name: str) -> str:
@@ -116,17 +115,6 @@ class Prediction:
     label: str
     score: float
     probabilities: dict[str, float]
-
-
-def read_config(folder: Path) -> dict:
-    """A saved model's task registry and backbone reference, without loading any weights."""
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CTTError(f"{folder} is not a readable CTT model: {exc}") from exc
-    if config.get("format_version") != FORMAT_VERSION:
-        raise CTTError(f"unsupported CTT model format {config.get('format_version')!r}")
-    return config
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

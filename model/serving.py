@@ -6,9 +6,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
-import unicodedata
-from typing import Annotated, Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,23 +26,16 @@ TASKS_PATH = "/tasks"
 MODEL_PATH = "/model"
 HEALTH_PATH = "/health"
 PUBLIC_API_PATHS = (CLASSIFY_PATH, TASKS_PATH, MODEL_PATH)
+JSON_BODY_PATHS = (CLASSIFY_PATH,)  # routes that take a body: JSON only (415 otherwise)
 # BentoML's probes, metrics and docs: reachable in the cluster only, never through the Ingress.
 INTERNAL_PATHS = ("/livez", "/readyz", "/healthz", HEALTH_PATH, "/metrics", "/", "/docs", "/docs.json", "/schema.json")
 OPEN_PATHS = frozenset(INTERNAL_PATHS)
 
 # ----- request / response schemas ---------------------------------------------------------
-# Items are checked while the request body is parsed, i.e. per request and before BentoML merges
-# requests into a batch, so one client's bad item can never fail another client's request.
-_known_tasks: dict[str, list[str]] = {}
-_limits = {"max_text_chars": default("CTT_MAX_TEXT_CHARS")}
+# Items are checked while each request's body is parsed, before any request joins a batch, so one
+# client's bad item is that client's 400 and never reaches another client's forward pass.
 ECHO_CHARS = 32  # how much of a client's unknown value an error repeats
 LISTED_TASKS = 20  # an unknown task's error lists this many known tasks
-
-
-def set_known_tasks(tasks: dict[str, list[str]], max_text_chars: int) -> None:
-    _known_tasks.clear()
-    _known_tasks.update(tasks)
-    _limits["max_text_chars"] = max_text_chars
 
 
 def echo(value: str) -> str:
@@ -50,49 +43,92 @@ def echo(value: str) -> str:
     return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…")
 
 
-def _visible(character: str) -> bool:
-    # Letters, marks, numbers, punctuation, symbols. Separators (spaces), controls, format
-    # characters (zero-width space, joiners, BOM), private-use and unassigned ones carry nothing.
-    return unicodedata.category(character)[0] in "LMNPS"
+# Characters that carry nothing on their own: whitespace, controls, soft hyphen, zero-width and
+# bidirectional marks, word joiners, the BOM. A text needs at least one other character. One
+# rule, used twice: the service checks texts with it, and the OpenAPI document states it.
+VISIBLE_PATTERN = r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202f\u205f-\u206f\ufeff]"
+_VISIBLE = re.compile(VISIBLE_PATTERN)
+# JSON can spell an unpaired UTF-16 surrogate ("\\ud800"), which is not Unicode text and which
+# the tokenizer cannot take.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def text_problem(text: str, max_chars: int) -> str | None:
-    """Why ``text`` cannot be classified, or None. Shared by every content type's validation."""
+    """Why ``text`` cannot be classified, or None."""
     if len(text) > max_chars:
         return f"text has {len(text)} characters; the limit is {max_chars}"
-    if any("\ud800" <= character <= "\udfff" for character in text):
+    if _SURROGATE.search(text):
         return "text contains an unpaired UTF-16 surrogate (not valid Unicode)"
-    if not any(_visible(character) for character in text):
+    if not _VISIBLE.search(text):
         return "text is empty (no visible characters)"
     return None
 
 
-class Item(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def item_model(task_names: Sequence[str], max_text_chars: int) -> type[BaseModel]:
+    """The item schema with the served model's real constraints, so the OpenAPI document states
+    exactly what the service accepts (task names as an enum, the text rule, the length limit)."""
+    task_schema: dict[str, Any] = {"maxLength": TASK_NAME_MAX_CHARS}
+    if task_names:
+        task_schema["enum"] = list(task_names)
 
-    text: str = Field(min_length=1, description="The text to classify: at least one visible character.",
-                      examples=["Shares in the bank rose 5%"])
-    task: str = Field(min_length=1, max_length=TASK_NAME_MAX_CHARS,
-                      description="Name of a learned task (see GET /tasks).", examples=["bbc-topic"])
-    probabilities: bool = Field(False, description="Also return the probability of every label.")
+    class Item(BaseModel):
+        # Strict: `"probabilities": 0` or `"text": 5` is a mistake to report, not to coerce.
+        model_config = ConfigDict(extra="forbid", strict=True)
 
-    @field_validator("text")
-    @classmethod
-    def _text_present_and_bounded(cls, text: str) -> str:
-        problem = text_problem(text, _limits["max_text_chars"])
-        if problem:
-            raise ValueError(problem)
-        return text
+        text: str = Field(description="The text to classify: Unicode text (no unpaired surrogates) with at "
+                                      "least one visible character.", examples=["Shares in the bank rose 5%"],
+                          json_schema_extra={"pattern": VISIBLE_PATTERN, "minLength": 1, "maxLength": max_text_chars})
+        task: str = Field(description="Name of a learned task (see GET /tasks).", examples=list(task_names[:1]),
+                          json_schema_extra=task_schema)
+        probabilities: bool = Field(False, description="Also return the probability of every label.")
 
-    @field_validator("task")
-    @classmethod
-    def _task_known(cls, task: str) -> str:
-        if _known_tasks and task not in _known_tasks:
-            names = list(_known_tasks)
-            listed = ", ".join(names[:LISTED_TASKS]) + (f" and {len(names) - LISTED_TASKS} more (GET /tasks)"
-                                                        if len(names) > LISTED_TASKS else "")
-            raise ValueError(f"unknown task {echo(task)}; known tasks: {listed}")
-        return task
+        @field_validator("text")
+        @classmethod
+        def _text_present_and_bounded(cls, text: str) -> str:
+            problem = text_problem(text, max_text_chars)
+            if problem:
+                raise ValueError(problem)
+            return text
+
+        @field_validator("task")
+        @classmethod
+        def _task_known(cls, task: str) -> str:
+            if len(task) > TASK_NAME_MAX_CHARS:
+                raise ValueError(f"task names have at most {TASK_NAME_MAX_CHARS} characters")
+            if task_names and task not in known:
+                listed = ", ".join(task_names[:LISTED_TASKS]) + (
+                    f" and {len(task_names) - LISTED_TASKS} more (GET /tasks)" if len(task_names) > LISTED_TASKS else "")
+                raise ValueError(f"unknown task {echo(task)}; known tasks: {listed}")
+            return task
+
+    known = frozenset(task_names)
+    return Item
+
+
+def classify_request_model(task_names: Sequence[str], max_items: int, max_text_chars: int) -> type[BaseModel]:
+    Item = item_model(task_names, max_text_chars)
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        items: list[Item] = Field(min_length=1, max_length=max_items, description=(
+            f"1 to {max_items} texts, each with its task; each text at most {max_text_chars} characters."))
+
+    return ClassifyRequest
+
+
+class Problem(BaseModel):
+    """Where a request is wrong: ``loc`` is the path into the body, e.g. ``["items", 2, "task"]``."""
+
+    loc: list[str | int]
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers has this shape."""
+
+    error: str = Field(description="What went wrong, in one line.")
+    problems: list[Problem] = Field(default_factory=list, description="Each problem of a rejected body.")
 
 
 class Prediction(BaseModel):
@@ -102,14 +138,9 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] | None = Field(None, description="Every label's probability, on request.")
 
 
-def items_field(max_items: int, max_text_chars: int):
-    return Annotated[list[Item], Field(min_length=1, max_length=max_items, description=(
-        f"1 to {max_items} texts, each with its task; each text at most {max_text_chars} characters."))]
-
-
 # ----- request bodies ---------------------------------------------------------------------
 def _json_error(status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message, "problems": []}).encode()
     start = {"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]}
     return start, {"type": "http.response.body", "body": body}
@@ -159,6 +190,25 @@ class BodyLimitMiddleware:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+class JSONOnlyMiddleware:
+    """The API speaks JSON only: any other body is a 415 before anything parses it (form bodies
+    would otherwise take a different, laxer validation path)."""
+
+    def __init__(self, app, paths: frozenset[str]):
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            media = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media != b"application/json" and not media.endswith(b"+json"):
+                start, body = _json_error(415, "send the body as JSON (Content-Type: application/json)")
+                await send(start)
+                await send(body)
+                return
+        return await self.app(scope, receive, send)
 
 
 # ----- authentication ---------------------------------------------------------------------
@@ -312,6 +362,18 @@ class Metrics:
         self.model_info = prometheus.Gauge(
             "ctt_model_info", "The served model version (value is its task count).",
             ["tag", "environment"], multiprocess_mode="livemax")
+        self.shed = prometheus.Counter(
+            "ctt_shed_requests", "Requests refused with 503 because the worker's queue was full.")
+        self.queued_items = prometheus.Gauge(
+            "ctt_queued_items", "Items waiting for a forward pass, summed over workers.", multiprocess_mode="livesum")
+
+    def record_shed(self) -> None:
+        if self.enabled:
+            self.shed.inc()
+
+    def record_queue(self, items: int) -> None:
+        if self.enabled:
+            self.queued_items.set(items)
 
     def record_model(self, tag: str, environment: str, task_count: int) -> None:
         if self.enabled:
@@ -324,3 +386,53 @@ class Metrics:
         self.forward_seconds.observe(seconds)
         for task in set(tasks):
             self.predictions.labels(task=task).inc(tasks.count(task))
+
+
+# ----- overload and bounded metrics -------------------------------------------------------
+class RetryAfterMiddleware:
+    """Every 503 carries Retry-After (BentoML's own, e.g. /readyz while loading, included), so
+    clients and proxies back off instead of hammering a pod that is loading or shedding."""
+
+    def __init__(self, app, retry_after_s: int):
+        self.app = app
+        self.header = (b"retry-after", str(retry_after_s).encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    message = {**message, "headers": headers + [self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_retry_after)
+
+
+UNKNOWN_PATH = "/-unknown-"  # the one label every path the service does not serve shares
+
+
+def bound_request_metric_paths(served_paths: frozenset[str], served_prefixes: tuple[str, ...]) -> None:
+    """BentoML labels its request series with the raw path, in a middleware that runs before any
+    of ours, so every distinct unknown path (authenticated or not) would add series. Its class is
+    looked up when the app is built, so a subclass put in its place sees each request first and
+    hands it on with one shared path when the path is not served (it is a 404 either way).
+    Tested against a real server (bentoml is pinned)."""
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "bounds_paths", False):
+        return
+
+    class BoundedPathMetricsMiddleware(base):
+        bounds_paths = True
+
+        async def __call__(self, scope, receive, send):
+            path = scope.get("path", "")
+            if scope["type"] == "http" and path not in served_paths and not path.startswith(served_prefixes):
+                scope = {**scope, "path": UNKNOWN_PATH, "raw_path": UNKNOWN_PATH.encode()}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = BoundedPathMetricsMiddleware

@@ -116,8 +116,16 @@ SETTINGS: tuple[Setting, ...] = (
             "bounds the memory of every batch", _whole(2, 10_000)),
     Setting("CTT_MAX_BATCH_SIZE", "max_batch_size", "32", "most items in one batched forward pass",
             _whole(2, 4096)),
-    Setting("CTT_MAX_LATENCY_MS", "max_latency_ms", "1000",
-            "BentoML sheds a request with 503 when it predicts a longer wait", _whole(1)),
+    Setting("CTT_MAX_QUEUED_ITEMS", "max_queued_items", "96",
+            "most items waiting per worker; beyond it a request gets 503 with Retry-After at once "
+            "(about 1 s of work per worker: `make bench` measures capacity)", _whole(1, 100_000)),
+    Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
+    Setting("CTT_SHUTDOWN_DRAIN_S", "shutdown_drain_s", "20",
+            "after SIGTERM, keep answering until the API is quiet for 1 s, at most this long (keep it "
+            "below the pod's termination grace period minus its preStop sleep)", _whole(0, 600)),
+    Setting("CTT_LOAD_ATTEMPTS", "load_attempts", "5",
+            "model load attempts (backoff 1, 2, 4 … s) before liveness fails and the pod restarts",
+            _whole(1, 100)),
     Setting("CTT_MAX_ITEMS", "max_items", "64", "most items in one request", _whole(1, 4096)),
     Setting("CTT_MAX_TEXT_CHARS", "max_text_chars", "10000", "most characters in one item's text",
             _whole(1, 1_000_000)),
@@ -153,6 +161,11 @@ def default(name: str) -> Any:
     return BY_NAME[name].value({})
 
 
+def setting_value(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting's value from the environment (for tools that need one, not all of them)."""
+    return BY_NAME[name].value(os.environ if environ is None else environ)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The values of every non-secret setting (see ``SETTINGS`` for names, defaults, meaning)."""
@@ -163,7 +176,10 @@ class Settings:
     max_tasks: int
     max_labels: int
     max_batch_size: int
-    max_latency_ms: int
+    max_queued_items: int
+    retry_after_s: int
+    shutdown_drain_s: int
+    load_attempts: int
     max_items: int
     max_text_chars: int
     max_body_bytes: int

@@ -35,12 +35,12 @@ from typing import Callable, Iterator
 
 from model.ctt import ContinualTinyTransformer
 from model.errors import CTTError
+from model.settings import setting_value
 from model.integrity import (
     MANIFEST_DIGEST_KEY, MODEL_YAML, fsync_path, fsync_tree, manifest_digest, verify_version, version_problems,
     write_atomically, write_manifest,
 )
 
-DEFAULT_MODEL_NAME = "ctt"
 EVAL_DIR = "eval_sets"
 METRICS_FILE = "metrics.json"  # the version's one result record (training/learn.py builds it)
 STAGING_DIR = "ctt-staging"
@@ -50,7 +50,7 @@ KILL_HOOK_VARIABLE = "CTT_TEST_KILL_AT"
 
 
 def model_name() -> str:
-    return os.environ.get("CTT_MODEL_NAME", DEFAULT_MODEL_NAME)
+    return setting_value("CTT_MODEL_NAME")
 
 
 # ----- layout --------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def server(served_model, tmp_path_factory):
     name, _ = served_model
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     with bentoml_serve(env={"CTT_MODEL_NAME": name, "CTT_MAX_ITEMS": "16", "CTT_MAX_TEXT_CHARS": "500",
-                            "API_KEY": "", "JWT_SECRET": "", "ENVIRONMENT": "test"}, log_path=log) as url:
+                            "CTT_MAX_QUEUED_ITEMS": "10000", "API_KEY": "", "JWT_SECRET": "", "ENVIRONMENT": "test"},
+                       log_path=log) as url:
         yield url, log
 
 

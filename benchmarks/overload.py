@@ -1,0 +1,149 @@
+"""Overload benchmark (not a test): `make bench` or `python benchmarks/overload.py [--quick]`.
+
+Serves the MiniLM model with `make serve`'s defaults (2 workers x 1 thread, the settings table's
+queue bound), measures its capacity with a closed loop, then offers 4x that rate as an open loop
+(arrivals do not wait for answers, as real clients do not) for 30 s, and reports:
+  - the share of 200 and 503 answers, and any other outcome (should be none);
+  - latency of the accepted requests (p50 / p99) and of the refusals (they must be fast);
+  - whether every 503 carried Retry-After;
+  - recovery: after the burst, how long until a lone request is answered at the unloaded p50 again.
+Loopback only, bounded in time. Writes benchmarks/results/overload.json and overload.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, isolated_bentoml_home, machine, print_table, save  # noqa: E402
+
+isolated_bentoml_home()
+
+import httpx  # noqa: E402
+
+from benchmarks.serve import MODEL_NAME, closed_loop, register_bench_model, texts  # noqa: E402
+from deploy.local import bentoml_serve  # noqa: E402
+from model.settings import default  # noqa: E402
+
+TASKS = 5
+WORKERS = 2  # `make serve`'s default on 2 cores
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def open_loop(url: str, rate: float, seconds: float) -> list[dict]:
+    """Start ``rate`` requests per second for ``seconds``, whatever the answers do."""
+    pool = texts(512, seed=3)
+    outcomes: list[dict] = []
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+
+    async def one(client: httpx.AsyncClient, index: int, offset: float) -> None:
+        body = {"items": [{"text": pool[index % len(pool)], "task": f"task{index % TASKS}"}]}
+        started = time.perf_counter()
+        try:
+            response = await client.post(f"{url}/classify", json=body)
+            outcomes.append({"at": offset, "status": response.status_code, "seconds": time.perf_counter() - started,
+                             "retry_after": response.headers.get("retry-after")})
+        except httpx.HTTPError as exc:
+            outcomes.append({"at": offset, "status": type(exc).__name__, "seconds": time.perf_counter() - started,
+                             "retry_after": None})
+
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        started, calls, index = time.perf_counter(), [], 0
+        while (offset := time.perf_counter() - started) < seconds:
+            due = int(offset * rate) + 1
+            while index < due:
+                calls.append(asyncio.create_task(one(client, index, offset)))
+                index += 1
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*calls)
+    return outcomes
+
+
+async def lone_request_seconds(url: str) -> float:
+    async with httpx.AsyncClient(timeout=60) as client:
+        started = time.perf_counter()
+        response = await client.post(f"{url}/classify", json={"items": [{"text": "shares in the bank rose", "task": "task0"}]})
+        return time.perf_counter() - started if response.status_code == 200 else float("inf")
+
+
+async def recovery_seconds(url: str, target: float, limit: float = 30.0) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        if await lone_request_seconds(url) <= target:
+            return time.perf_counter() - started
+        await asyncio.sleep(0.05)
+    return float("inf")
+
+
+def plot(outcomes: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = int(max(o["at"] for o in outcomes)) + 1
+    ok = [sum(1 for o in outcomes if int(o["at"]) == s and o["status"] == 200) for s in range(seconds)]
+    shed = [sum(1 for o in outcomes if int(o["at"]) == s and o["status"] == 503) for s in range(seconds)]
+    other = [sum(1 for o in outcomes if int(o["at"]) == s and o["status"] not in (200, 503)) for s in range(seconds)]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.bar(range(seconds), ok, label="200", color="tab:green")
+    axis.bar(range(seconds), shed, bottom=ok, label="503 + Retry-After", color="tab:orange")
+    axis.bar(range(seconds), other, bottom=[a + b for a, b in zip(ok, shed)], label="other", color="tab:red")
+    axis.set_xlabel("second of the burst (requests started)")
+    axis.set_ylabel("requests")
+    axis.set_title("4x capacity for 30 s: accepted work stays bounded, the rest is refused at once")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 s burst instead of 30 s")
+    args = parser.parse_args()
+    burst = 10.0 if args.quick else 30.0
+    register_bench_model(TASKS)
+    env = {"CTT_MODEL_NAME": MODEL_NAME, "CTT_WORKERS": str(WORKERS), "ENVIRONMENT": "development",
+           "API_KEY": "", "JWT_SECRET": "", "LOG_LEVEL": "WARNING"}
+    with bentoml_serve(env=env, timeout=300) as url:
+        baseline = statistics.median([asyncio.run(lone_request_seconds(url)) for _ in range(20)])
+        capacity = asyncio.run(closed_loop(url, 32, 10.0, TASKS, 100_000))["throughput"]
+        print(f"capacity {capacity:.1f} req/s; lone request p50 {1000 * baseline:.0f} ms; offering {4 * capacity:.0f} req/s "
+              f"for {burst:.0f} s", file=sys.stderr)
+        outcomes = asyncio.run(open_loop(url, 4 * capacity, burst))
+        recovered = asyncio.run(recovery_seconds(url, 2 * baseline))
+    accepted = [o["seconds"] for o in outcomes if o["status"] == 200]
+    refused = [o for o in outcomes if o["status"] == 503]
+    other = [o for o in outcomes if o["status"] not in (200, 503)]
+    result = {
+        "machine": machine(), "workers": WORKERS, "queue_bound_items_per_worker": default("CTT_MAX_QUEUED_ITEMS"),
+        "capacity_req_s": capacity, "offered_req_s": 4 * capacity, "burst_s": burst, "requests": len(outcomes),
+        "share_200": len(accepted) / len(outcomes), "share_503": len(refused) / len(outcomes), "other": len(other),
+        "other_kinds": sorted({str(o["status"]) for o in other}),
+        "every_503_has_retry_after": all(o["retry_after"] for o in refused),
+        "accepted_p50_ms": 1000 * percentile(accepted, 0.5), "accepted_p99_ms": 1000 * percentile(accepted, 0.99),
+        "refused_p99_ms": 1000 * percentile([o["seconds"] for o in refused], 0.99),
+        "lone_request_p50_ms": 1000 * baseline, "recovery_s": recovered,
+    }
+    save("overload", result)
+    plot(outcomes, RESULTS / "overload.png")
+    print_table(["offered req/s", "200 share", "503 share", "other", "accepted p50 ms", "accepted p99 ms",
+                 "503 p99 ms", "Retry-After on all 503", "recovery s"],
+                [[result["offered_req_s"], result["share_200"], result["share_503"], result["other"],
+                  result["accepted_p50_ms"], result["accepted_p99_ms"], result["refused_p99_ms"],
+                  result["every_503_has_retry_after"], result["recovery_s"]]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""A worker's life: load the model with retries, tell readiness for the whole server, drain on
+SIGTERM.
+
+BentoML runs each worker as its own process, and ``/readyz`` is answered by whichever worker
+accepts the connection. So that a pod is Ready only when *every* worker has a warm model (and
+not Ready again the moment any of them is shutting down), each worker marks itself in a folder
+shared by the workers of one server: a file named by its process id. A marker whose process is
+gone does not count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+logger = logging.getLogger("ctt")
+T = TypeVar("T")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ServerReadiness:
+    """Readiness of every worker of one ``bentoml serve``: workers share their parent process."""
+
+    def __init__(self, workers: int, folder: Path | None = None):
+        self.workers = workers
+        self.folder = folder or Path(tempfile.gettempdir()) / f"ctt-ready-{os.getppid()}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.marker = self.folder / f"{os.getpid()}.ready"
+        self.stopping = False
+
+    def mark_ready(self) -> None:
+        self.marker.touch()
+
+    def mark_stopping(self) -> None:
+        self.stopping = True
+        self.marker.unlink(missing_ok=True)
+
+    def ready_workers(self) -> int:
+        count = 0
+        for marker in self.folder.glob("*.ready"):
+            try:
+                count += _alive(int(marker.stem))
+            except ValueError:
+                continue
+        return count
+
+    def all_ready(self) -> bool:
+        return not self.stopping and self.marker.exists() and self.ready_workers() >= self.workers
+
+
+class RetryingLoader(Generic[T]):
+    """Load in the background; retry a failed load with exponential backoff; after
+    ``attempts`` failures give up, so liveness fails and Kubernetes restarts the pod."""
+
+    def __init__(self, load: Callable[[], T], attempts: int, first_delay_s: float = 1.0,
+                 on_loaded: Callable[[T], None] | None = None):
+        self.load = load
+        self.attempts = attempts
+        self.first_delay_s = first_delay_s
+        self.on_loaded = on_loaded
+        self.value: T | None = None
+        self.failures = 0
+        self.public_problem: str | None = None
+        self._thread = threading.Thread(target=self._run, name="ctt-model-loader", daemon=True)
+
+    def start(self) -> "RetryingLoader[T]":
+        self._thread.start()
+        return self
+
+    @property
+    def gave_up(self) -> bool:
+        return self.failures >= self.attempts
+
+    def _run(self) -> None:
+        delay = self.first_delay_s
+        while not self.gave_up:
+            try:
+                value = self.load()
+            except Exception as exc:
+                self.failures += 1
+                # The exception (paths, internals) goes to the log only. A CTTError is ours and
+                # written for operators (e.g. which file failed its digest check), so /health
+                # may show it; anything else is summarised.
+                from model.errors import CTTError
+
+                self.public_problem = (str(exc) if isinstance(exc, CTTError)
+                                       else "the model failed to load; the service log has the reason")
+                last = self.gave_up
+                logger.error(f"model load failed (attempt {self.failures} of {self.attempts})"
+                             + ("; giving up: liveness now fails" if last else f"; retrying in {delay:.0f} s"),
+                             exc_info=True)
+                if last:
+                    return
+                time.sleep(delay)
+                delay *= 2
+                continue
+            self.value = value
+            self.public_problem = None
+            if self.on_loaded:
+                self.on_loaded(value)
+            return
+
+
+class Activity:
+    """Requests to the public API in flight in this worker, and when the last one started."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.in_flight = 0
+        self.last_started = clock()
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.last_started = self.clock()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+
+    def wait_quiet(self, quiet_s: float, limit_s: float) -> bool:
+        """Block until nothing is in flight and nothing started for ``quiet_s`` (or ``limit_s``
+        passed); True when it went quiet."""
+        deadline = self.clock() + limit_s
+        while self.clock() < deadline:
+            if self.in_flight == 0 and self.clock() - self.last_started >= quiet_s:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+class ActivityMiddleware:
+    def __init__(self, app, activity: Activity, paths: frozenset[str]):
+        self.app = app
+        self.activity = activity
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        self.activity.started()
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.activity.finished()
+
+
+# Nothing new for this long means the load balancer has stopped sending: then shut down.
+QUIET_BEFORE_SHUTDOWN_S = 1.0
+
+
+def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_limit_s: float) -> None:
+    """On SIGTERM: not Ready at once, keep serving until the public API has been quiet for a
+    moment (requests still reaching the pod while endpoints update, and requests already sent
+    but not yet read, are answered), then hand over to uvicorn's graceful shutdown, which stops
+    accepting and finishes what it holds. Without the drain, uvicorn closes connections whose
+    request it has not read yet, and their clients see a connection error instead of an answer."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread; an in-process test client has none
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def shut_down(signum, frame) -> None:
+        quiet = activity.wait_quiet(QUIET_BEFORE_SHUTDOWN_S, drain_limit_s)
+        logger.info(f"SIGTERM: drained ({'quiet' if quiet else f'limit of {drain_limit_s:.0f} s reached'}); "
+                    "shutting down")
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os._exit(0)
+
+    def handler(signum, frame) -> None:
+        if readiness.stopping:  # a second SIGTERM: no more waiting
+            if callable(previous):
+                previous(signum, frame)
+            return
+        readiness.mark_stopping()
+        threading.Thread(target=shut_down, args=(signum, frame), name="ctt-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handler)
