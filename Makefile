@@ -37,6 +37,11 @@ tools: $(TOOLS_STAMP)
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: install Debian's 'prometheus' package (or Prometheus' release) first" >&2; exit 1; fi; }
+	@# The feedback tests run a real PostgreSQL server (as an unprivileged user: it refuses root).
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	  else echo "PostgreSQL is missing: install Debian's 'postgresql' package first (the feedback tests run a real server)" >&2; exit 1; fi; }
 
 model: install
 	$(BIN)/ctt demo --if-missing

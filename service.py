@@ -28,6 +28,10 @@ from model.serving import (CLASSIFY_PATH, HEALTH_PATH, INTERNAL_PATHS, JSON_BODY
                            configure_json_logging, echo)
 from model.registry import read_config
 from model.settings import SecretSource, Settings, check_startup_credentials
+from model.feedback.api import (FeedbackAccepted, FeedbackMetrics, feedback_request_model, parse_since)
+from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
+from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
+from model.serving import FEEDBACK_PATH, FEEDBACK_STATS_PATH
 
 # torch and the model are imported in the workers only (see __init__): BentoML's supervisor
 # process imports this file too, and without them it starts in a fraction of the time.
@@ -37,6 +41,8 @@ try:
     credentials = Credentials(settings, SecretSource("API_KEY", reload_s=settings.credentials_reload_s),
                               SecretSource("JWT_SECRET", reload_s=settings.credentials_reload_s))
     check_startup_credentials(settings, credentials.keys, credentials.jwt_secret)
+    database_source = SecretSource("DATABASE_URL")
+    check_startup_database(settings.environment, settings.fails_closed, database_source.get())
 except CTTError as problem:
     # One readable line and a non-zero exit, before BentoML starts anything (it fails closed).
     print(f"ctt: refusing to start: {problem}", file=sys.stderr)
@@ -45,6 +51,15 @@ except CTTError as problem:
 logger = logging.getLogger("ctt")
 activity = Activity()  # this worker's public API requests, for the drain on SIGTERM
 MODEL_TAG = settings.model_tag or f"{settings.model_name}:latest"
+
+
+def served_task_labels() -> dict[str, list[str]]:
+    """Each task of the served version with its labels, for the feedback schema (empty when the
+    version cannot be read here, as for served_task_names)."""
+    try:
+        return {task["name"]: task["labels"] for task in read_config(Path(bentoml.models.get(MODEL_TAG).path))["tasks"]}
+    except Exception:
+        return {}
 
 
 def served_task_names() -> list[str]:
@@ -57,6 +72,7 @@ def served_task_names() -> list[str]:
 
 
 ClassifyRequest = classify_request_model(served_task_names(), settings.max_items, settings.max_text_chars)
+FeedbackRequest = feedback_request_model(served_task_labels(), settings.max_items, settings.max_text_chars)
 ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
     (400, "The body is not a valid request: `problems` names each item and field."),
     (401, "Missing or invalid credentials."),
@@ -125,6 +141,13 @@ class CTT:
         self.metrics_summary = read_record(folder)
         self.task_summaries = task_summaries(folder)
         self.metrics = Metrics(settings.monitoring_enabled)
+        # Opened lazily and migrated in the background: a database that is down never delays
+        # the model, /classify or readiness; /feedback answers 503 until it is back.
+        self.feedback_endpoint = FeedbackEndpoint(
+            FeedbackDatabase(database_url(database_source.get(), data_dir_for(settings.data_dir)),
+                             timeout_s=settings.database_timeout_s),
+            FeedbackMetrics(settings.monitoring_enabled), self.tag, self.metrics_summary.get("accuracy") or {})
+        self.feedback_endpoint.migrate_in_background()
         self.readiness = ServerReadiness(settings.workers)
         self.batcher = ContinuousBatcher(self._forward, settings.max_batch_size, settings.max_queued_items,
                                          settings.retry_after_s, healthy=self._warm_up)
@@ -215,6 +238,31 @@ class CTT:
             "metrics": {key: self.metrics_summary.get(key) for key in ("mean_accuracy", "bwt", "mean_forgetting", "accuracy")},
             "environment": settings.environment,
         }
+
+    @routes.post(FEEDBACK_PATH, response_model=FeedbackAccepted, responses=ERRORS)
+    def feedback(self, body: FeedbackRequest):  # type: ignore[valid-type]
+        """Store the right label of served texts: a sampled `review` or a user's `correction`. A 200
+        means every row is committed; an `id` already stored is not stored again (retries are safe).
+        503 with Retry-After while the database is unreachable."""
+        try:
+            return self.feedback_endpoint.store([item.to_item() for item in body.items])
+        except FeedbackUnavailable as exc:
+            logger.warning(f"503 {FEEDBACK_PATH}: {exc}")
+            return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+
+    @routes.get(FEEDBACK_STATS_PATH, responses=ERRORS)
+    def feedback_stats(self, since: str | None = None):
+        """Live accuracy per task: feedback rows by source, how often the served prediction agreed
+        with the feedback label (reviews are the unbiased measure), the version's measured accuracy.
+        `since`: an ISO time (UTC) or an age such as 7d."""
+        try:
+            moment = parse_since(since, "since") if since else None
+        except CTTError as exc:
+            return error(400, str(exc), [Problem(loc=["query", "since"], message=str(exc))])
+        try:
+            return self.feedback_endpoint.stats(moment)
+        except FeedbackUnavailable as exc:
+            return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
 
     @routes.get(HEALTH_PATH)
     def health(self):

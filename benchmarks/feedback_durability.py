@@ -69,10 +69,27 @@ class Server:
                                             start_new_session=True)
         wait_ready(self.url, self.process, timeout=180)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self) -> None:
+        """SIGKILL to the supervisor and every worker at once. BentoML starts each worker in a
+        session of its own, so killing the process group would leave the workers serving."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait()
+        psutil.wait_procs(processes, timeout=30)
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM: BentoML stops its workers)."""
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait()
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
 
 
 class Clients:
@@ -143,7 +160,7 @@ async def one_database(name: str, env: dict, database_url: str, kills: int, work
     await clients.run(server.url, seconds=3.0)
     while clients.pending:
         await clients.run(server.url, seconds=1.0)
-    server.kill(signal.SIGTERM)
+    server.stop()
 
     from sqlalchemy import text
 

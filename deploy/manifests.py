@@ -67,7 +67,7 @@ def deployment(color: Color) -> dict:
         # Secrets arrive as files, never as environment variables: env values leak into
         # `kubectl describe`, crash dumps and child processes; files can be rotated in place.
         "env": [{"name": f"{key}_FILE", "value": f"{SECRET_MOUNT}/{filename}"}
-                for key, filename in SECRET_KEYS.items() if key != "DATABASE_URL"],
+                for key, filename in SECRET_KEYS.items()],
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi", "ephemeral-storage": "256Mi"},
                       "limits": {"cpu": "1", "memory": "512Mi", "ephemeral-storage": "1Gi"}},
         # The model loads and warms up in the background: the startup probe gives it time,
@@ -192,6 +192,9 @@ def network_policy(spec: EnvironmentSpec | None = None) -> dict:
            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     extra = [{"to": [{"ipBlock": {"cidr": rule["cidr"]}}],
               "ports": [{"protocol": "TCP", "port": rule["port"]}]} for rule in (spec.egress if spec else [])]
+    if spec and spec.database:  # the feedback database: its address range and port, nothing more
+        extra.append({"to": [{"ipBlock": {"cidr": spec.database.cidr}}],
+                      "ports": [{"protocol": "TCP", "port": spec.database.port}]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(APP),
             "spec": {"podSelector": {"matchLabels": labels()}, "policyTypes": ["Ingress", "Egress"],
                      "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from deploy.feedback_monitoring import feedback_alert_rules, feedback_panels, feedback_rule_tests
 from deploy.manifests import labels
 from deploy.spec import APP, EnvironmentSpec
 
@@ -61,7 +62,7 @@ def alert_rules(namespace: str) -> list[dict]:
 
 
 def rule_groups(namespace: str) -> dict:
-    return {"groups": [{"name": f"{APP}.rules", "rules": alert_rules(namespace)}]}
+    return {"groups": [{"name": f"{APP}.rules", "rules": alert_rules(namespace) + feedback_alert_rules(namespace)}]}
 
 
 def prometheus_rule(spec: EnvironmentSpec) -> dict:
@@ -137,7 +138,7 @@ def rule_tests(namespace: str, rules_file: str) -> dict:
              pod_alert("critical", "Pod {pod} is in CrashLoopBackOff"), "8m"),
         case([_series(waiting, crash, "0x10")], "CTTCrashLooping", None, "8m"),
     ]
-    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests}
+    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests + feedback_rule_tests(namespace)}
 
 
 def dashboard(spec: EnvironmentSpec) -> dict:
@@ -158,6 +159,7 @@ def dashboard(spec: EnvironmentSpec) -> dict:
         ("Forward pass seconds p95", f"histogram_quantile(0.95, sum by (le) (rate(ctt_forward_seconds_bucket{{{ns}}}[5m])))", "s"),
         ("Predictions per second by task", f"sum by (task) (rate(ctt_predictions_total{{{ns}}}[5m]))", "reqps"),
     ]
+    panels += feedback_panels(ns)
     grafana_panels = []
     for index, (title, queries, unit) in enumerate(panels):
         queries = queries if isinstance(queries, list) else [queries]

@@ -24,7 +24,9 @@ PORT = 3000
 UID = 10034
 BENTOML_HOME = "/home/bentoml/.bentoml"
 # Everything BentoML and its libraries write at run time; the root filesystem is read-only.
-WRITABLE_PATHS = {"bentoml-home": BENTOML_HOME, "tmp": "/tmp", "cache": "/home/bentoml/.cache"}
+WRITABLE_PATHS = {"bentoml-home": BENTOML_HOME, "tmp": "/tmp", "cache": "/home/bentoml/.cache",
+                  # CTT_DATA_DIR: the SQLite feedback file where no DATABASE_URL is set (development)
+                  "data": "/var/lib/ctt"}
 SECRET_MOUNT = "/var/run/secrets/ctt"
 SECRET_KEYS = {"API_KEY": "api-key", "JWT_SECRET": "jwt-secret", "DATABASE_URL": "database-url"}
 IMAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
@@ -71,6 +73,14 @@ def _check_overrides(config: dict[str, str]) -> dict[str, str]:
     return config
 
 
+class Database(Strict):
+    """Where the feedback database (PostgreSQL) lives: the NetworkPolicy lets pods reach exactly
+    this address range and port. Its URL is the Secret's database-url, mounted as a file."""
+
+    cidr: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
+    port: int = Field(5432, ge=1, le=65535)
+
+
 class EnvironmentSpec(Strict):
     name: Literal["development", "staging", "production"]
     namespace: str
@@ -85,8 +95,11 @@ class EnvironmentSpec(Strict):
     ingress_namespace: str = "ingress-nginx"
     prometheus_namespace: str = "monitoring"
     monitoring_labels: dict[str, str] = {"release": "kube-prometheus-stack"}
-    # Egress beyond DNS, as CIDRs with ports (e.g. a database); none by default.
+    # Egress beyond DNS, as CIDRs with ports; none by default (the database adds its own).
     egress: list[dict] = []
+    # The feedback database; None keeps feedback in SQLite in the pod's data volume (development:
+    # rows live as long as the pod). Environments that fail closed must name one.
+    database: Database | None = None
     # Runtime settings that differ from model/settings.py's defaults, by variable name.
     config: dict[str, str] = {}
     termination_grace_seconds: int = 45
@@ -106,6 +119,8 @@ class EnvironmentSpec(Strict):
             self.settings()  # the overrides must agree with each other (e.g. body and item limits)
         except CTTError as problem:
             raise ValueError(f"{self.name}: {problem}") from None
+        if self.settings().fails_closed and self.database is None:
+            raise ValueError(f"{self.name}: feedback needs a database outside development (set database=)")
         lowest = self.autoscaling.min_replicas if self.autoscaling else self.replicas
         if self.pdb_min_available is not None and self.pdb_min_available >= lowest:
             raise ValueError(f"{self.name}: PDB minAvailable {self.pdb_min_available} would block "
@@ -154,18 +169,21 @@ ENVIRONMENTS: dict[str, EnvironmentSpec] = {
         name="development", namespace="ctt-development", replicas=1,
         resources=Resources(cpu_request="250m", cpu_limit="1", memory="512Mi"),
         pdb_min_available=None, host="ctt.development.example.com", tls_secret="ctt-development-tls",
-        config={"LOG_LEVEL": "DEBUG"},
+        config={"LOG_LEVEL": "DEBUG", "CTT_DATA_DIR": WRITABLE_PATHS["data"]},
     ),
     "staging": EnvironmentSpec(
         name="staging", namespace="ctt-staging", replicas=2,
         resources=Resources(cpu_request="500m", cpu_limit="1", memory="1Gi"),
         pdb_min_available=1, host="ctt.staging.example.com", tls_secret="ctt-staging-tls",
+        # Your PostgreSQL's subnet and port (a managed instance's private range, for example).
+        database=Database(cidr="10.20.0.0/24", port=5432),
     ),
     "production": EnvironmentSpec(
         name="production", namespace="ctt-production", replicas=3,
         resources=Resources(cpu_request="1", cpu_limit="2", memory="2Gi", ephemeral_limit="2Gi"),
         autoscaling=Autoscaling(min_replicas=3, max_replicas=10),
         pdb_min_available=2, host="ctt.example.com", tls_secret="ctt-production-tls",
+        database=Database(cidr="10.30.0.0/24", port=5432),
         config={"CTT_WORKERS": "2"},
     ),
 }

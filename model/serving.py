@@ -25,8 +25,10 @@ CLASSIFY_PATH = "/classify"
 TASKS_PATH = "/tasks"
 MODEL_PATH = "/model"
 HEALTH_PATH = "/health"
-PUBLIC_API_PATHS = (CLASSIFY_PATH, TASKS_PATH, MODEL_PATH)
-JSON_BODY_PATHS = (CLASSIFY_PATH,)  # routes that take a body: JSON only (415 otherwise)
+FEEDBACK_PATH = "/feedback"
+FEEDBACK_STATS_PATH = "/feedback/stats"
+PUBLIC_API_PATHS = (CLASSIFY_PATH, TASKS_PATH, MODEL_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH)
+JSON_BODY_PATHS = (CLASSIFY_PATH, FEEDBACK_PATH)  # routes that take a body: JSON only (415 otherwise)
 # BentoML's probes, metrics and docs: reachable in the cluster only, never through the Ingress.
 INTERNAL_PATHS = ("/livez", "/readyz", "/healthz", HEALTH_PATH, "/metrics", "/", "/docs", "/docs.json", "/schema.json")
 OPEN_PATHS = frozenset(INTERNAL_PATHS)

@@ -140,6 +140,15 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(1, 31 * 86400)),
     Setting("CTT_CREDENTIALS_RELOAD_S", "credentials_reload_s", "10",
             "how often mounted secret files are checked for changes", _whole(1, 60)),
+    Setting("CTT_DATA_DIR", "data_dir", None,
+            "folder of the default feedback database (SQLite, `feedback.sqlite3`) when no `DATABASE_URL` "
+            "is set; default `ctt-data` in the BentoML home", _optional_text),
+    Setting("CTT_DB_TIMEOUT_S", "database_timeout_s", "5",
+            "feedback database connect, statement and pool timeout; a database down for longer makes "
+            "`/feedback` a 503 with Retry-After (`/classify` is never affected)", _whole(1, 300)),
+    Setting("CTT_FEEDBACK_RETENTION_DAYS", "feedback_retention_days", "90",
+            "`ctt feedback prune` deletes feedback older than this by default (rows hold users' text)",
+            _whole(1, 36500)),
     Setting("CTT_MODEL_NAME", "model_name", "ctt", "model name in the BentoML store", scope="build"),
     Setting("CTT_MODEL_TAG", "model_tag", None,
             "version to serve (default: newest); `bentoml build` pins it into the bento", _optional_text,
@@ -149,6 +158,10 @@ SETTINGS: tuple[Setting, ...] = (
             scope="secret"),
     Setting("JWT_SECRET", "jwt_secret", None,
             f"HS256 secret for JWTs, at least {MIN_JWT_SECRET_BYTES} bytes (or `JWT_SECRET_FILE`)",
+            scope="secret"),
+    Setting("DATABASE_URL", "database_url", None,
+            "feedback database, `postgresql+psycopg://user:password@host:5432/db` (or `DATABASE_URL_FILE`); "
+            "unset: SQLite under `CTT_DATA_DIR`; staging and production refuse to start without it",
             scope="secret"),
 )
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -189,6 +202,9 @@ class Settings:
     jwt_issuer: str | None
     jwt_max_lifetime_s: int
     credentials_reload_s: int
+    data_dir: str | None
+    database_timeout_s: int
+    feedback_retention_days: int
     model_name: str
     model_tag: str | None
 

@@ -209,12 +209,17 @@ def start_container(name: str, image: str, env: dict, api_key: str) -> str:
     (secret_dir / SECRET_KEYS["API_KEY"]).write_text(api_key)
     os.chmod(secret_dir, 0o755)
     os.chmod(secret_dir / SECRET_KEYS["API_KEY"], 0o444)
+    # Production refuses to start without a database URL. No PostgreSQL runs beside this check, so
+    # the Secret names an SQLite file on the container's data tmpfs (the manifests' data volume).
+    (secret_dir / SECRET_KEYS["DATABASE_URL"]).write_text(f"sqlite:///{WRITABLE_PATHS['data']}/feedback.sqlite3")
+    os.chmod(secret_dir / SECRET_KEYS["DATABASE_URL"], 0o444)
     tmpfs = [arg for path in WRITABLE_PATHS.values()
              for arg in ("--tmpfs", f"{path}:rw,size=512m,mode=1777")]
     podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--read-only-tmpfs=false",
            "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
            *tmpfs, "--env-file", str(env_file), "--env", f"PORT={port}",
            "--env", f"API_KEY_FILE={SECRET_MOUNT}/{SECRET_KEYS['API_KEY']}",
+           "--env", f"DATABASE_URL_FILE={SECRET_MOUNT}/{SECRET_KEYS['DATABASE_URL']}",
            "--volume", f"{secret_dir}:{SECRET_MOUNT}:ro",
            *host_ulimits(),
            "--stop-timeout", str(spec.termination_grace_seconds), image, env=env, capture=True)

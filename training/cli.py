@@ -48,7 +48,16 @@ def cmd_learn(args) -> int:
         stage=args.stage, progress=not args.quiet, wait=not args.no_wait,
         **({"owner": args.owner} if args.owner else {}),
     )
-    report = learn(args.task, args.train, args.eval, args.from_tag, settings)
+    feedback = None
+    if args.feedback:
+        from training.feedback import feedback_batch, open_from_environ
+
+        database = open_from_environ()
+        try:
+            feedback = feedback_batch(database, args.task)
+        finally:
+            database.close()
+    report = learn(args.task, args.train, args.eval, args.from_tag, settings, feedback=feedback)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -79,7 +88,8 @@ def cmd_models(args) -> int:
                       "tasks": v.metadata.get("tasks", []), "new_task": v.metadata.get("new_task"),
                       "accuracy": v.metadata.get("accuracy", {}),
                       "mean_accuracy": v.metadata.get("mean_accuracy"), "bwt": v.metadata.get("bwt"),
-                      "backbone": v.metadata.get("backbone"), "path": str(v.path)} for v in versions])
+                      "backbone": v.metadata.get("backbone"), "feedback": v.metadata.get("feedback"),
+                      "path": str(v.path)} for v in versions])
         return 0
     if not versions:
         print("no versions in the model store yet: run 'ctt learn' or 'ctt demo'", file=sys.stderr)
@@ -206,6 +216,10 @@ def cmd_feedback(args) -> int:
 
     # Options are checked before the database is opened: a typo costs nothing.
     since = parse_since(args.since) if getattr(args, "since", None) else None
+    if args.feedback_command == "prune" and args.older_than is None:
+        from training.feedback import default_retention
+
+        args.older_than = default_retention()
     older_than = parse_age(args.older_than) if args.feedback_command == "prune" else None
     database = open_from_environ()
     try:
@@ -272,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("--no-wait", action="store_true",
                    help="fail at once when another ctt command is changing the store (default: wait)")
+    p.add_argument("--feedback", "--with-feedback", dest="feedback", action="store_true",
+                   help="also train on the task's stored production feedback (DATABASE_URL or the SQLite file "
+                        "under CTT_DATA_DIR; newest label per text); the version records which rows")
     p.set_defaults(run=cmd_learn)
 
     p = sub.add_parser("models", help="list versions, newest first (or 'ctt models delete TAG')")
@@ -348,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
     f.add_argument("--out", required=True, help="the .jsonl file to write")
     f = feedback_sub.add_parser("prune", help="delete rows older than an age (they hold users' text)")
-    f.add_argument("--older-than", required=True, help="an age: 90d, 12h, 30m, 2w (a bare number is days)")
+    f.add_argument("--older-than", help="an age: 90d, 12h, 30m, 2w, a bare number is days "
+                                        "(default: CTT_FEEDBACK_RETENTION_DAYS)")
     f = feedback_sub.add_parser("stats", help="rows and agreement with served predictions, per task and source")
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
     f.add_argument("--json", action="store_true")

@@ -12,11 +12,10 @@ from typing import Mapping
 
 from model.errors import CTTError
 from model.feedback.api import parse_age, parse_since  # noqa: F401  (the CLI's options)
-from model.feedback.database import FeedbackDatabase, default_data_dir, latest_labels, open_database, utc_now
-from model.settings import SecretSource
+from model.feedback.database import FeedbackDatabase, data_dir_for, latest_labels, open_database
+from model.settings import SecretSource, setting_value
 from training.data import Example
 
-DEFAULT_TIMEOUT_S = 5.0
 
 
 def open_from_environ(environ: Mapping[str, str] | None = None) -> FeedbackDatabase:
@@ -24,8 +23,13 @@ def open_from_environ(environ: Mapping[str, str] | None = None) -> FeedbackDatab
     the SQLite file under CTT_DATA_DIR (default: ctt-data in the BentoML home)."""
     environ = os.environ if environ is None else environ
     configured = SecretSource("DATABASE_URL", environ).get()
-    timeout = float(environ.get("CTT_DB_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
-    return open_database(configured, default_data_dir(environ), timeout_s=timeout)
+    return open_database(configured, data_dir_for(setting_value("CTT_DATA_DIR", environ), environ),
+                         timeout_s=setting_value("CTT_DB_TIMEOUT_S", environ))
+
+
+def default_retention() -> str:
+    """``ctt feedback prune``'s default age: CTT_FEEDBACK_RETENTION_DAYS."""
+    return f"{setting_value('CTT_FEEDBACK_RETENTION_DAYS')}d"
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
@@ -26,6 +27,9 @@ from training.data import Example, cap_stratified, label_set, read_labelled, rea
 from training.evaluate import ContinualMetrics, accuracy, continual_metrics
 from training.probe import fit_probe
 from training.report import write_accuracy_matrix_plot
+
+if TYPE_CHECKING:
+    from training.feedback import FeedbackBatch
 
 
 @dataclass
@@ -84,6 +88,7 @@ class LearnReport(ContinualMetrics):
     module_bytes: int = 0
     backbone_parameters: int = 0
     seconds: float = 0.0
+    feedback: dict | None = None  # the stored feedback this version learned from (ctt learn --feedback)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +108,7 @@ class LearnReport(ContinualMetrics):
             train_examples=examples["train_examples"], eval_examples=examples["eval_examples"],
             module_parameters=training["module_parameters"], module_bytes=training["module_bytes"],
             backbone_parameters=training["backbone_parameters"], seconds=seconds,
+            feedback=record.get("feedback"),
         )
 
 
@@ -223,11 +229,24 @@ def store_metadata(record: dict) -> dict:
     """The BentoML metadata of a version: a summary derived from its record, for listing."""
     keys = ("parent", "parent_manifest_sha256", "new_task", "replaced", "tasks", "backbone", "backbone_digest",
             "max_length", "accuracy", "mean_accuracy", "bwt")
-    return {key: record[key] for key in keys}
+    metadata = {key: record[key] for key in keys}
+    if record.get("feedback"):
+        metadata["feedback"] = record["feedback"]
+    return metadata
+
+
+def without_relabelled(examples: list[Example], feedback: list[Example]) -> list[Example]:
+    """The file's examples less the texts that feedback labels: feedback is newer than any file
+    (and its newest label per text was already chosen)."""
+    relabelled = {example.text for example in feedback}
+    return [example for example in examples if example.text not in relabelled]
 
 
 def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None = None,
-          from_tag: str | None = None, settings: LearnSettings | None = None) -> LearnReport:
+          from_tag: str | None = None, settings: LearnSettings | None = None,
+          feedback: "FeedbackBatch | None" = None) -> LearnReport:
+    """Learn ``task_name`` from ``train_path``, plus ``feedback`` (stored production feedback of the
+    task) when given, on top of ``from_tag`` or the latest version, and register the result."""
     settings = settings or LearnSettings()
     settings.validate()
     started = time.perf_counter()
@@ -235,8 +254,16 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
 
     # Data: check everything before any expensive step (and before waiting for the store).
     examples = read_training_file(train_path)
-    labels = label_set(examples)
+    if feedback is not None:
+        examples = without_relabelled(examples, feedback.examples)
+    labels = label_set(examples + (feedback.examples if feedback else []))
     fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
+    if feedback is not None:
+        # Feedback only ever trains: corrections lean towards the model's errors, so the held-out
+        # slice that picks the epoch (and, without --eval, measures the task) stays the file's.
+        fit = fit + feedback.examples
+        _say(settings, f"feedback: {len(feedback.examples)} example(s) from {feedback.info.get('rows')} stored "
+                       f"row(s) up to id {feedback.info.get('up_to_id')}")
     if eval_path is not None:
         evaluation = read_labelled(eval_path)
         unseen = sorted(set(label_set(evaluation)) - set(labels))
@@ -249,11 +276,12 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     # From choosing the parent to registering, no other writer may change the store: two runs
     # that both started from the same latest version would otherwise lose one of the tasks.
     with store_lock(wait=settings.wait):
-        record = _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings)
+        record = _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings,
+                               feedback.info if feedback is not None else None)
     return LearnReport.from_record(record, seconds=time.perf_counter() - started)
 
 
-def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings) -> dict:
+def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings, feedback_info=None) -> dict:
     base, parent = starting_point(from_tag, settings)
     replaced = task_name in base.task_names
     if not replaced and len(base.tasks) >= base.max_tasks:
@@ -322,6 +350,8 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
                      "backbone_parameters": model.backbone.info.parameters,
                      "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "wait")}},
     }
+    if feedback_info is not None:
+        record["feedback"] = feedback_info  # which stored rows (up to which id) this version learned
 
     def write_record(folder: Path, tag: str) -> None:
         record["tag"] = tag
