@@ -142,3 +142,62 @@ def test_from_tag_branches_from_an_older_version(empty_store, topic_files, quest
     learn("question", *question_files, settings=micro_settings())
     branch = learn("question2", *question_files, from_tag=first.tag, settings=micro_settings())
     assert branch.parent == first.tag and branch.tasks == ["topic", "question2"]
+
+
+# ----- the recipe (training/recipe.py) ---------------------------------------------------------
+def test_cli_defaults_are_the_learn_settings_defaults():
+    from dataclasses import fields
+
+    from training.cli import build_parser
+    from training.settings import LearnSettings
+
+    args = vars(build_parser().parse_args(["learn", "--task", "t", "--train", "x.jsonl"]))
+    flag = {"learning_rate": "lr", "head_learning_rate": "head_lr"}
+    for f in fields(LearnSettings):
+        name = flag.get(f.name, f.name)
+        if name in args and f.name not in ("backbone", "owner"):  # both have no fixed default
+            assert args[name] == f.default, f.name
+
+
+def test_selection_compares_accuracy_first_then_temperature_scaled_loss():
+    from training.recipe import Score, calibrated_loss
+
+    targets = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    calibrated = torch.tensor([[0.4, -0.4], [-0.4, 0.4]] * 4)
+    confident = calibrated * 25  # the same ranking, far too sure of itself
+    confident[0] = torch.tensor([-10.0, 10.0])  # and one confident mistake
+    raw = torch.nn.functional.cross_entropy(confident, targets)
+    scaled, temperature = calibrated_loss(confident, targets)
+    assert scaled < float(raw) and temperature > 1.0
+
+    probe = Score(accuracy=0.80, loss=0.45, calibrated_loss=0.44)
+    trained = Score(accuracy=0.85, loss=0.60, calibrated_loss=0.40)  # better, but overconfident raw
+    assert trained.key("accuracy") > probe.key("accuracy")
+    assert trained.key("loss") < probe.key("loss")  # what raw loss used to choose: the probe
+    tie = Score(accuracy=0.80, loss=0.9, calibrated_loss=0.43)
+    assert tie.key("accuracy") > probe.key("accuracy")  # a tie in accuracy goes to the better calibrated loss
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from training.recipe import lr_lambda
+
+    factor = lr_lambda(100, 0.1)
+    values = [factor(step) for step in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[9:], values[10:])) and values[-1] < 0.01
+
+
+def test_the_module_trains_away_from_the_probe_and_records_each_epoch(empty_store, topic_files, micro_settings):
+    from training.data import label_set, read_labelled, stratified_split
+    from training.learn import starting_point
+    from training.recipe import train_task_module
+
+    settings = micro_settings(epochs=2, patience=5)
+    model, _ = starting_point(None, settings)
+    examples = read_labelled(topic_files[0])
+    fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
+    module, info = train_task_module(model, label_set(examples), fit, held_out, settings)
+    assert [row["epoch"] for row in info["history"]] == [0, 1, 2]
+    assert 0 <= info["best_epoch"] <= 2
+    # the head starts at the probe's weights, and the vectors are trained with their own rate
+    assert info["probe"].weight.shape == module.head.weight.shape

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from deploy.cli import add_deploy_parser
 from model.errors import CTTError
+from training.settings import SELECT_ON, learn_default
+from training.demo import DEMO_TRAIN_LIMIT
 
 # Quiet third-party chatter before anything imports them; our own progress goes to stderr.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,7 +44,8 @@ def cmd_learn(args) -> int:
     from training.learn import LearnSettings, learn
 
     settings = LearnSettings(
-        epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+        epochs=args.epochs, learning_rate=args.lr, head_learning_rate=args.head_lr, warmup=args.warmup,
+        vector_pull=args.vector_pull, batch_size=args.batch_size, seed=args.seed,
         patience=args.patience, select_on=args.select_on, holdout=args.holdout, max_forgetting=args.max_forgetting,
         min_accuracy=args.min_accuracy, backbone=args.backbone, max_length=args.max_length,
         stage=args.stage, progress=not args.quiet, wait=not args.no_wait,
@@ -266,20 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="labelled JSONL or CSV file (text, label)")
     p.add_argument("--eval", help="labelled evaluation file (default: a stratified held-out slice of --train)")
     p.add_argument("--from", dest="from_tag", help="start from this version instead of the latest")
-    p.add_argument("--epochs", type=int, default=6, help="at most this many epochs")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
-    p.add_argument("--select-on", choices=["loss", "accuracy"], default="loss",
-                   help="held-out measure for early stopping and choosing the epoch")
-    p.add_argument("--holdout", type=_fraction, default=0.15, help="share of --train held out for early stopping")
-    p.add_argument("--max-forgetting", type=_fraction, default=0.0,
+    # Every default comes from LearnSettings (training/settings.py), defined once there.
+    p.add_argument("--epochs", type=int, default=learn_default("epochs"), help="at most this many epochs")
+    p.add_argument("--lr", type=float, default=learn_default("learning_rate"),
+                   help="peak learning rate of the scaling vectors")
+    p.add_argument("--head-lr", type=float, default=learn_default("head_learning_rate"),
+                   help="peak learning rate of the head (it starts at the probe)")
+    p.add_argument("--warmup", type=_fraction, default=learn_default("warmup"),
+                   help="share of the steps with a linear warm-up (then cosine decay)")
+    p.add_argument("--vector-pull", type=float, default=learn_default("vector_pull"),
+                   help="weight of the pull of the scaling vectors towards one")
+    p.add_argument("--batch-size", type=int, default=learn_default("batch_size"))
+    p.add_argument("--seed", type=int, default=learn_default("seed"))
+    p.add_argument("--patience", type=int, default=learn_default("patience"),
+                   help="epochs without improvement before stopping")
+    p.add_argument("--select-on", choices=list(SELECT_ON), default=learn_default("select_on"),
+                   help="held-out measure for early stopping and choosing the epoch (the probe is epoch 0)")
+    p.add_argument("--holdout", type=_fraction, default=learn_default("holdout"),
+                   help="share of --train held out for early stopping")
+    p.add_argument("--max-forgetting", type=_fraction, default=learn_default("max_forgetting"),
                    help="refuse to register if an old task's accuracy drops by more than this")
-    p.add_argument("--min-accuracy", type=_fraction, default=0.0,
+    p.add_argument("--min-accuracy", type=_fraction, default=learn_default("min_accuracy"),
                    help="refuse to register if the new task scores below this")
     p.add_argument("--backbone", help="for a first version: 'minilm' (default), 'micro', or a model folder")
-    p.add_argument("--max-length", type=int, default=64, help="for a first version: tokens per text")
+    p.add_argument("--max-length", type=int, default=learn_default("max_length"),
+                   help="for a first version: tokens read per text (fixed for the whole lineage)")
     p.add_argument("--stage", default="development", help="stage label on the version")
     p.add_argument("--owner", help="owner label on the version (default: $USER)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -347,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the default demo model from the BBC News corpus")
     p.add_argument("--if-missing", action="store_true", help="do nothing when the store has a version")
     p.add_argument("--backbone", help="backbone for the demo (default: minilm)")
-    p.add_argument("--train-limit", type=int, default=1000, help="training examples per task")
+    p.add_argument("--train-limit", type=int, default=DEMO_TRAIN_LIMIT, help="training examples per task")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_demo)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,56 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn import functional as F
-from tqdm import tqdm
 
 from model.backbone import DEFAULT_BACKBONE, load_backbone
-from model.ctt import DEFAULT_MAX_LENGTH, ContinualTinyTransformer, Task, TaskModule, check_task_name
+from model.ctt import ContinualTinyTransformer, Task, check_task_name
 from model.errors import CTTError
 from model.store import METRICS_FILE, Version, get_version, has_versions, register_version, store_lock
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
 from training.evaluate import ContinualMetrics, accuracy, continual_metrics
-from training.probe import fit_probe
+from training.recipe import train_task_module
+from training.settings import SELECT_ON, LearnSettings  # noqa: F401  (LearnSettings is defined there, torch-free)
 from training.report import write_accuracy_matrix_plot
 
 if TYPE_CHECKING:
     from training.feedback import FeedbackBatch
-
-
-@dataclass
-class LearnSettings:
-    epochs: int = 6
-    learning_rate: float = 3e-3
-    batch_size: int = 16
-    seed: int = 0
-    patience: int = 2  # epochs without a better held-out score before stopping
-    # Held-out loss varies less than accuracy on small slices, and picks the probe itself (epoch 0)
-    # when training does not generalise better.
-    select_on: str = "loss"
-    holdout: float = 0.15  # share of the training file held out for early stopping
-    max_eval_examples: int = 1000  # evaluation set kept with the version, stratified
-    max_forgetting: float = 0.0
-    min_accuracy: float = 0.0
-    backbone: str | None = None  # only for a model started from the bare backbone
-    max_length: int = DEFAULT_MAX_LENGTH  # only for a model started from the bare backbone
-    stage: str = "development"
-    owner: str = field(default_factory=lambda: os.environ.get("USER") or "unknown")
-    progress: bool = True
-    wait: bool = True  # wait for another writer of the store (False: fail at once)
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise CTTError("--epochs, --batch-size and --patience must be at least 1")
-        if not 0.0 < self.holdout < 1.0:
-            raise CTTError("--holdout must be between 0 and 1")
-        if self.select_on not in ("accuracy", "loss"):
-            raise CTTError("--select-on must be 'accuracy' or 'loss'")
-        if self.learning_rate <= 0:
-            raise CTTError("--lr must be positive")
-        if not 0.0 <= self.max_forgetting <= 1.0 or not 0.0 <= self.min_accuracy <= 1.0:
-            raise CTTError("--max-forgetting and --min-accuracy are fractions between 0 and 1")
-        if self.max_length < 8:
-            raise CTTError("--max-length must be at least 8 tokens")
 
 
 @dataclass
@@ -120,7 +82,7 @@ def _say(settings: LearnSettings, message: str) -> None:
 def starting_point(from_tag: str | None, settings: LearnSettings) -> tuple[ContinualTinyTransformer, Version | None]:
     if from_tag or has_versions():
         parent = get_version(from_tag)
-        model = parent.load()
+        model = parent.load(settings.max_tasks)
         if settings.backbone and settings.backbone != model.backbone.info.spec:
             raise CTTError(
                 f"--backbone {settings.backbone!r} differs from {parent.tag}'s backbone "
@@ -128,85 +90,7 @@ def starting_point(from_tag: str | None, settings: LearnSettings) -> tuple[Conti
             )
         return model, parent
     backbone = load_backbone(settings.backbone or DEFAULT_BACKBONE)
-    return ContinualTinyTransformer(backbone, settings.max_length), None
-
-
-def _batches(examples: list[Example], batch_size: int, generator: torch.Generator | None):
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start : start + batch_size]]
-
-
-@torch.no_grad()
-def _held_out_score(model, module, examples, label_index, batch_size=64) -> tuple[float, float]:
-    correct, loss = 0, 0.0
-    for batch in _batches(examples, batch_size, None):
-        logits = model.forward_module(**model.tokenize([e.text for e in batch]), module=module)
-        targets = torch.tensor([label_index[e.label] for e in batch])
-        loss += float(F.cross_entropy(logits, targets, reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
-    return correct / len(examples), loss / len(examples)
-
-
-def _better(select_on: str, accuracy: float, loss: float, best_accuracy: float, best_loss: float) -> bool:
-    if select_on == "loss":
-        return (-loss, accuracy) > (-best_loss, best_accuracy)
-    return (accuracy, -loss) > (best_accuracy, -best_loss)
-
-
-def _train_one_epoch(model, module, optimiser, batches, label_index, description, settings) -> None:
-    # The backbone's weights stay frozen, but its dropout regularises the task vectors as in
-    # ordinary fine-tuning; evaluation always runs with dropout off.
-    model.encoder.train()
-    try:
-        steps = tqdm(batches, desc=description, disable=not settings.progress, unit="batch",
-                     file=sys.stderr, mininterval=1.0)
-        for batch in steps:
-            logits = model.forward_module(**model.tokenize([e.text for e in batch]), module=module)
-            loss = F.cross_entropy(logits, torch.tensor([label_index[e.label] for e in batch]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    finally:
-        model.encoder.eval()
-
-
-def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: list[Example],
-                      held_out: list[Example], settings: LearnSettings) -> tuple[TaskModule, dict]:
-    label_index = {label: i for i, label in enumerate(labels)}
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    module = TaskModule.for_backbone(model.backbone, len(labels))
-
-    _say(settings, f"probe: logistic regression on frozen embeddings of {len(fit)} examples")
-    probe = fit_probe(model.embed([e.text for e in fit]),
-                      torch.tensor([label_index[e.label] for e in fit]), len(labels))
-    with torch.no_grad():
-        module.head.weight.copy_(probe.weight)
-        module.head.bias.copy_(probe.bias)
-
-    optimiser = torch.optim.Adam(module.parameters(), lr=settings.learning_rate)
-    best_accuracy, best_loss = _held_out_score(model, module, held_out, label_index)
-    best_state, best_epoch, stale, epochs_run = copy.deepcopy(module.state_dict()), 0, 0, 0
-    _say(settings, f"epoch 0 (the probe): held-out accuracy {best_accuracy:.4f}, loss {best_loss:.4f}")
-    for epoch in range(1, settings.epochs + 1):
-        batches = list(_batches(fit, settings.batch_size, generator))
-        _train_one_epoch(model, module, optimiser, batches, label_index, f"epoch {epoch}/{settings.epochs}", settings)
-        epochs_run = epoch
-        held_accuracy, held_loss = _held_out_score(model, module, held_out, label_index)
-        _say(settings, f"epoch {epoch}: held-out accuracy {held_accuracy:.4f}, loss {held_loss:.4f}")
-        if _better(settings.select_on, held_accuracy, held_loss, best_accuracy, best_loss):
-            best_accuracy, best_loss, best_epoch, stale = held_accuracy, held_loss, epoch, 0
-            best_state = copy.deepcopy(module.state_dict())
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                _say(settings, f"early stop: no better held-out score for {stale} epoch(s)")
-                break
-    module.load_state_dict(best_state)
-    return module, {"probe": probe, "best_epoch": best_epoch, "epochs_run": epochs_run}
+    return ContinualTinyTransformer(backbone, settings.max_length, settings.max_tasks), None
 
 
 def _parent_facts(parent: Version | None, base: ContinualTinyTransformer) -> dict:
@@ -253,7 +137,7 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     check_task_name(task_name)
 
     # Data: check everything before any expensive step (and before waiting for the store).
-    examples = read_training_file(train_path)
+    examples = read_training_file(train_path, settings.max_labels)
     if feedback is not None:
         examples = without_relabelled(examples, feedback.examples)
     labels = label_set(examples + (feedback.examples if feedback else []))

@@ -1,0 +1,107 @@
+"""How the recipe's defaults were chosen: a few recipes on a few tasks, every epoch scored (not a test).
+
+    python benchmarks/recipe_search.py --tasks tweet-sentiment bbc-headline-topic --recipes old new
+
+For each task and recipe it trains one module (training/recipe.py) and records, after every epoch
+(epoch 0 is the probe), the held-out scores and the test accuracy, so that every selection rule
+(raw loss, temperature-scaled loss, accuracy) can be compared on the same runs. Writes
+benchmarks/results/continual-recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, isolated_bentoml_home  # noqa: E402
+
+isolated_bentoml_home()
+
+import torch  # noqa: E402
+
+from model.backbone import load_backbone  # noqa: E402
+from model.ctt import ContinualTinyTransformer  # noqa: E402
+from training import recipe  # noqa: E402
+from training.corpora import make_tasks  # noqa: E402
+from training.data import label_set, stratified_split  # noqa: E402
+from training.learn import LearnSettings  # noqa: E402
+
+RECIPES = {
+    # what `ctt learn` did before: one learning rate, constant, raw held-out loss
+    "old": dict(learning_rate=3e-3, head_learning_rate=3e-3, warmup=None, vector_pull=0.0),
+    "new": dict(learning_rate=1e-2, head_learning_rate=1e-3, warmup=0.1, vector_pull=0.0),
+    "fast": dict(learning_rate=3e-2, head_learning_rate=1e-3, warmup=0.1, vector_pull=0.0),
+    "pull": dict(learning_rate=3e-2, head_learning_rate=1e-3, warmup=0.1, vector_pull=1.0),
+    "head": dict(learning_rate=1e-2, head_learning_rate=1e-2, warmup=0.1, vector_pull=0.0),
+}
+
+
+def run(model, name, train, test, recipe_name, seed, epochs):
+    values = dict(RECIPES[recipe_name])
+    constant = values["warmup"] is None
+    values["warmup"] = 0.0 if constant else values["warmup"]
+    settings = LearnSettings(backbone="minilm", epochs=epochs, patience=epochs + 1, seed=seed, progress=True,
+                             **values)
+    labels = label_set(train)
+    fit, held_out = stratified_split(train, settings.holdout, seed)
+    index = {label: i for i, label in enumerate(labels)}
+    targets = torch.tensor([index[e.label] for e in test])
+    test_accuracy = []
+
+    def on_epoch(epoch, module):
+        logits = recipe.held_out_logits(model, module, test)
+        test_accuracy.append(int((logits.argmax(-1) == targets).sum()) / len(test))
+
+    original = recipe.lr_lambda
+    if constant:
+        recipe.lr_lambda = lambda total, warmup: (lambda step: 1.0)
+    started = time.perf_counter()
+    try:
+        _, info = recipe.train_task_module(model, labels, fit, held_out, settings, on_epoch=on_epoch)
+    finally:
+        recipe.lr_lambda = original
+    history = info["history"]
+    for row, acc in zip(history, test_accuracy):
+        row["test_accuracy"] = acc
+    picked = {}
+    for rule in ("loss", "calibrated-loss", "accuracy"):
+        best = max(history, key=lambda r: recipe.Score(r["accuracy"], r["loss"], r["calibrated_loss"]).key(rule))
+        picked[rule] = {"epoch": best["epoch"], "test_accuracy": best["test_accuracy"]}
+    return {"task": name, "recipe": recipe_name, "seed": seed, "seconds": time.perf_counter() - started,
+            "history": history, "picked": picked}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["tweet-sentiment", "bbc-headline-topic"])
+    parser.add_argument("--recipes", nargs="+", default=["old", "new"])
+    parser.add_argument("--train-limit", type=int, default=500)
+    parser.add_argument("--test-limit", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "continual-recipe.json"))
+    args = parser.parse_args()
+
+    model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
+    tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
+    out = Path(args.out)
+    results = json.loads(out.read_text())["runs"] if out.exists() else []
+    for name, (train, test) in tasks.items():
+        for recipe_name in args.recipes:
+            result = run(model, name, train, test, recipe_name, args.seed, args.epochs)
+            result["max_length"] = args.max_length
+            results.append(result)
+            curve = " ".join(f"{r['test_accuracy']:.3f}" for r in result["history"])
+            print(f"{name:22s} {recipe_name:5s} {result['seconds']:6.0f}s test by epoch: {curve}  picked: "
+                  + ", ".join(f"{k}→e{v['epoch']} {v['test_accuracy']:.3f}" for k, v in result["picked"].items()),
+                  flush=True)
+            out.write_text(json.dumps({"runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
