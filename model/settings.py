@@ -116,9 +116,10 @@ SETTINGS: tuple[Setting, ...] = (
             "bounds the memory of every batch", _whole(2, 10_000)),
     Setting("CTT_MAX_BATCH_SIZE", "max_batch_size", "32", "most items in one batched forward pass",
             _whole(2, 4096)),
-    Setting("CTT_MAX_QUEUED_ITEMS", "max_queued_items", "96",
+    Setting("CTT_MAX_QUEUED_ITEMS", "max_queued_items", "32",
             "most items waiting per worker; beyond it a request gets 503 with Retry-After at once "
-            "(about 1 s of work per worker: `make bench` measures capacity)", _whole(1, 100_000)),
+            "(about 1 s of work for one MiniLM worker thread: `benchmarks/overload.py` measures it)",
+            _whole(1, 100_000)),
     Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
     Setting("CTT_SHUTDOWN_DRAIN_S", "shutdown_drain_s", "20",
             "after SIGTERM, keep answering until the API is quiet for 1 s, at most this long (keep it "

@@ -7,7 +7,9 @@ import json
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # BentoML reads BENTOML_HOME once, when its store is first used: set it before any import.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="ctt-test-bentoml-")
@@ -71,3 +73,28 @@ def micro_settings():
         return LearnSettings(**values)
 
     return make
+
+
+TOPIC_ROWS = [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]
+QUESTION_ROWS = [(t, "q") for t in QUESTION] + [(t, "s") for t in STATEMENT]
+
+
+@contextmanager
+def micro_model(prefix: str, folder: Path, tasks: dict[str, list[tuple[str, str]]]) -> Iterator[str]:
+    """A micro-backbone model under a name of its own in the test store, one version per task
+    (learned in order, one epoch each); CTT_MODEL_NAME names it until the block ends."""
+    from training.learn import LearnSettings, learn
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    previous = os.environ.get("CTT_MODEL_NAME")
+    os.environ["CTT_MODEL_NAME"] = name
+    try:
+        settings = LearnSettings(backbone="micro", epochs=1, progress=False)
+        for task, rows in tasks.items():
+            learn(task, write_jsonl(folder / f"{task}.jsonl", rows), settings=settings)
+        yield name
+    finally:
+        if previous is None:
+            os.environ.pop("CTT_MODEL_NAME", None)
+        else:
+            os.environ["CTT_MODEL_NAME"] = previous

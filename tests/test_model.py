@@ -173,3 +173,18 @@ def test_a_local_model_folder_is_a_backbone(micro, tmp_path):
 def test_a_folder_without_a_model_is_a_clear_error(tmp_path):
     with pytest.raises(CTTError, match="cannot load backbone"):
         load_backbone(str(tmp_path))
+
+
+def test_length_grouped_prediction_matches_row_by_row(micro):
+    """Mixed lengths and tasks in one call: the same answers as one text at a time."""
+    model = model_with(micro, [2, 3, 2])
+    texts = ["short", "a much longer text " * 12, "mid length text here", "x", "another long one " * 8] * 3
+    tasks = [f"task{i % 3}" for i in range(len(texts))]
+    together = model.predict(texts, tasks, batch_size=4)
+    budgeted = model.predict(texts, tasks, batch_size=32, max_batch_tokens=60)  # long texts alone
+    assert [p.label for p in budgeted] == [p.label for p in together]
+    for text, task, got in zip(texts, tasks, together):
+        alone = model.predict([text], [task])[0]
+        assert (got.task, got.label) == (alone.task, alone.label)
+        for label, probability in alone.probabilities.items():
+            assert got.probabilities[label] == pytest.approx(probability, abs=1e-5)

@@ -16,9 +16,8 @@ import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from model import store
-from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, write_jsonl
+from tests.conftest import MONEY, QUESTION, QUESTION_ROWS, SPORT, STATEMENT, TOPIC_ROWS, micro_model
 from tests.serving import bentoml_serve
-from training.learn import LearnSettings, learn
 
 API_KEY = "test-key-" + uuid.uuid4().hex
 JWT_SECRET = "jwt-secret-" + uuid.uuid4().hex
@@ -28,23 +27,10 @@ TEXTS = SPORT + MONEY + QUESTION + STATEMENT
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory):
     """A three-task micro model registered under its own name in the test store."""
-    name = f"ctt-serve-{uuid.uuid4().hex[:8]}"
-    previous = os.environ.get("CTT_MODEL_NAME")
-    os.environ["CTT_MODEL_NAME"] = name
-    folder = tmp_path_factory.mktemp("serve-data")
-    settings = LearnSettings(backbone="micro", epochs=1, progress=False)
-    learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]),
-          settings=settings)
-    learn("question", write_jsonl(folder / "q.jsonl", [(t, "q") for t in QUESTION] + [(t, "s") for t in STATEMENT]),
-          settings=settings)
-    learn("length", write_jsonl(folder / "l.jsonl", [(t, "short" if len(t) < 20 else "long") for t in TEXTS]),
-          settings=settings)
-    version = store.get_version()
-    yield name, version
-    if previous is None:
-        os.environ.pop("CTT_MODEL_NAME", None)
-    else:
-        os.environ["CTT_MODEL_NAME"] = previous
+    length_rows = [(t, "short" if len(t) < 20 else "long") for t in TEXTS]
+    with micro_model("ctt-serve", tmp_path_factory.mktemp("serve-data"),
+                     {"topic": TOPIC_ROWS, "question": QUESTION_ROWS, "length": length_rows}) as name:
+        yield name, store.get_version()
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +322,8 @@ def test_api_keys_rotate_in_place_without_a_restart(served_model, tmp_path):
         return False
 
     env = {"CTT_MODEL_NAME": name, "ENVIRONMENT": "production", "API_KEY": "", "JWT_SECRET": "",
-           "API_KEY_FILE": str(key_file), "CTT_CREDENTIALS_RELOAD_S": "1", "CTT_WORKERS": "2"}
+           "API_KEY_FILE": str(key_file), "CTT_CREDENTIALS_RELOAD_S": "1", "CTT_WORKERS": "2",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'feedback.db'}"}
     with bentoml_serve(env=env) as url:
         assert status(old) == 200 and status(new) == 401 and classify(url, item).status_code == 401
         # Kubernetes swaps the file (a new inode), as an atomic rename does.

@@ -17,29 +17,17 @@ import httpx
 import pytest
 
 from model import store
-from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, write_jsonl
+from tests.conftest import MONEY, QUESTION, QUESTION_ROWS, SPORT, STATEMENT, TOPIC_ROWS, micro_model
 from tests.serving import BENTOML, PROJECT, bentoml_serve, free_port
-from training.learn import LearnSettings, learn
 
 TEXTS = SPORT + MONEY + QUESTION + STATEMENT
 
 
 @pytest.fixture(scope="module")
 def model_name(tmp_path_factory):
-    name = f"ctt-traffic-{uuid.uuid4().hex[:8]}"
-    previous = os.environ.get("CTT_MODEL_NAME")
-    os.environ["CTT_MODEL_NAME"] = name
-    folder = tmp_path_factory.mktemp("traffic-data")
-    settings = LearnSettings(backbone="micro", epochs=1, progress=False)
-    learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]),
-          settings=settings)
-    learn("question", write_jsonl(folder / "q.jsonl", [(t, "q") for t in QUESTION] + [(t, "s") for t in STATEMENT]),
-          settings=settings)
-    yield name
-    if previous is None:
-        os.environ.pop("CTT_MODEL_NAME", None)
-    else:
-        os.environ["CTT_MODEL_NAME"] = previous
+    with micro_model("ctt-traffic", tmp_path_factory.mktemp("traffic-data"),
+                     {"topic": TOPIC_ROWS, "question": QUESTION_ROWS}) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +165,6 @@ def test_readiness_waits_for_every_worker_and_never_flaps(model_name, tmp_path):
     port = free_port()
     home = tmp_path / "home"
     home.mkdir()
-    from model.settings import default  # noqa: F401  (the server reads the same table)
-
     os.symlink(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
     env = {**os.environ, "BENTOML_HOME": str(home), "CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test",
            "API_KEY": "", "JWT_SECRET": "", "CTT_WORKERS": "2"}
@@ -310,7 +296,8 @@ def test_the_api_keeps_its_openapi_contract_under_fuzzing(model_name, tmp_path):
     import sys
 
     api_key = "fuzz-key-" + uuid.uuid4().hex
-    env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "staging", "API_KEY": api_key, "JWT_SECRET": ""}
+    env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "staging", "API_KEY": api_key, "JWT_SECRET": "",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'feedback.db'}"}
     log = tmp_path / "serve.log"
     with bentoml_serve(env=env, log_path=log) as url:
         st = Path(sys.executable).parent / "st"
