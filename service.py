@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +28,8 @@ from model.serving import (CLASSIFY_PATH, HEALTH_PATH, INTERNAL_PATHS, JSON_BODY
                            configure_json_logging, echo)
 from model.registry import read_config
 from model.settings import SecretSource, Settings, check_startup_credentials
-from model.feedback.api import (FeedbackAccepted, FeedbackMetrics, feedback_request_model, parse_since)
+from model.feedback.api import (SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics, feedback_request_model,
+                                parse_since)
 from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
 from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
 from model.serving import FEEDBACK_PATH, FEEDBACK_STATS_PATH
@@ -251,16 +252,12 @@ class CTT:
             return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
 
     @routes.get(FEEDBACK_STATS_PATH, responses=ERRORS)
-    def feedback_stats(self, since: str | None = None):
+    def feedback_stats(self, since: str | None = Query(None, pattern=SINCE_PATTERN, description=(
+            "Only rows stored in this last stretch of time: 30m, 12h, 7d or 4w."))):
         """Live accuracy per task: feedback rows by source, how often the served prediction agreed
-        with the feedback label (reviews are the unbiased measure), the version's measured accuracy.
-        `since`: an ISO time (UTC) or an age such as 7d."""
+        with the feedback label (reviews are the unbiased measure), the version's measured accuracy."""
         try:
-            moment = parse_since(since, "since") if since else None
-        except CTTError as exc:
-            return error(400, str(exc), [Problem(loc=["query", "since"], message=str(exc))])
-        try:
-            return self.feedback_endpoint.stats(moment)
+            return self.feedback_endpoint.stats(parse_since(since, "since") if since else None)
         except FeedbackUnavailable as exc:
             return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
 

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from model.errors import CTTError
 from model.feedback.database import FeedbackItem, utc_now
 from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS
-from model.serving import echo, text_problem
+from model.serving import VISIBLE_PATTERN, text_problem
 
 FEEDBACK_PATH = "/feedback"
 FEEDBACK_STATS_PATH = "/feedback/stats"
-LISTED = 20  # an unknown task's or label's error lists this many known ones
+# What GET /feedback/stats?since= takes: an age back from now (ISO times are for the CLI). Five
+# digits of weeks still land after year 1, so every value the pattern allows is a valid time.
+SINCE_PATTERN = r"^[0-9]{1,5}[mhdw]$"
 AGE_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
 
@@ -47,60 +49,72 @@ def parse_since(text: str, option: str = "--since") -> datetime:
     return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
-def _listed(names: Sequence[str]) -> str:
-    more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
-    return ", ".join(names[:LISTED]) + more
+class _FeedbackItemBase(BaseModel):
+    """The fields every feedback item has; ``feedback_request_model`` adds the task and its labels."""
+
+    # Strict, as /classify's items: `"id": 5` is a mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str = Field(description="The text that was classified.")
+    source: Literal[SOURCES] = Field(DEFAULT_SOURCE, description=(  # type: ignore[valid-type]
+        "`review`: a sampled prediction checked by a reviewer (unbiased, drives the live-accuracy "
+        "alert); `correction`: a user fixing a wrong answer (biased towards errors)."))
+    request_id: str | None = Field(None, max_length=KEY_MAX_CHARS,
+                                   description="The /classify request this feedback is about.")
+    id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, description=(
+        "Your unique id for this row: sending it again (a retry) stores nothing new."))
+
+    def to_item(self) -> FeedbackItem:
+        return FeedbackItem(text=self.text, task=self.task, label=self.label,  # type: ignore[attr-defined]
+                            prediction=self.prediction, source=self.source,  # type: ignore[attr-defined]
+                            request_id=self.request_id, id=self.id)
+
+
+def _component_name(task: str, index: int) -> str:
+    # OpenAPI component names allow letters, digits, '.', '-', '_'.
+    return f"FeedbackFor_{re.sub(r'[^A-Za-z0-9._-]', '_', task)}_{index}"
 
 
 def feedback_request_model(task_labels: Mapping[str, Sequence[str]], max_items: int,
                            max_text_chars: int) -> type[BaseModel]:
-    """The request schema for the served version: ``task_labels`` maps each task to its labels."""
-    task_names = list(task_labels)
+    """The request schema for the served version: ``task_labels`` maps each task to its labels.
 
-    class FeedbackIn(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    Each item is one of a union tagged by ``task``, whose ``label`` and ``prediction`` are that
+    task's labels: the OpenAPI document states exactly which rows are accepted, and an unknown
+    task or a label of another task is a 400 naming the item while the body is parsed."""
 
-        text: str = Field(description="The text that was classified.", json_schema_extra={"maxLength": max_text_chars})
-        task: str = Field(description="The task it was classified for.", max_length=TASK_MAX_CHARS)
-        label: str = Field(description="The right label, as the user or reviewer says.")
-        prediction: str | None = Field(None, description="The label the service predicted, when known: "
-                                                         "live accuracy compares it with `label`.")
-        source: Literal[SOURCES] = Field(DEFAULT_SOURCE, description=(  # type: ignore[valid-type]
-            "`review`: a sampled prediction checked by a reviewer (unbiased, drives the live-accuracy "
-            "alert); `correction`: a user fixing a wrong answer (biased towards errors)."))
-        request_id: str | None = Field(None, max_length=KEY_MAX_CHARS,
-                                       description="The /classify request this feedback is about.")
-        id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, description=(
-            "Your unique id for this row: sending it again (a retry) stores nothing new."))
+    def text_rule(text: str) -> str:
+        problem = text_problem(text, max_text_chars)
+        if problem:
+            raise ValueError(problem)
+        return text
 
-        @field_validator("text")
-        @classmethod
-        def _text_present_and_bounded(cls, text: str) -> str:
-            problem = text_problem(text, max_text_chars)
-            if problem:
-                raise ValueError(problem)
-            return text
-
-        @model_validator(mode="after")
-        def _task_and_labels_known(self) -> "FeedbackIn":
-            if self.task not in task_labels:
-                raise ValueError(f"unknown task {echo(self.task)}; known tasks: {_listed(task_names) or 'none'}")
-            labels = task_labels[self.task]
-            for field in ("label", "prediction"):
-                value = getattr(self, field)
-                if value is not None and value not in labels:
-                    raise ValueError(f"{field} {echo(value)} is not a label of task {self.task!r} "
-                                     f"(labels: {_listed(list(labels))})")
-            return self
-
-        def to_item(self) -> FeedbackItem:
-            return FeedbackItem(text=self.text, task=self.task, label=self.label, prediction=self.prediction,
-                                source=self.source, request_id=self.request_id, id=self.id)
+    text_field = (str, Field(description="The text that was classified.",
+                             json_schema_extra={"pattern": VISIBLE_PATTERN, "minLength": 1,
+                                                "maxLength": max_text_chars}))
+    validators = {"text_present_and_bounded": field_validator("text")(text_rule)}
+    if not task_labels:
+        # The served version could not be read here (the service then fails at start anyway).
+        Item: Any = create_model("FeedbackIn", __base__=_FeedbackItemBase, __validators__=validators,
+                                 text=text_field, task=(str, Field(max_length=TASK_MAX_CHARS)),
+                                 label=(str, ...), prediction=(str | None, None))
+    else:
+        members = []
+        for index, (task, labels) in enumerate(task_labels.items()):
+            label_type = Literal[tuple(labels)]  # type: ignore[valid-type]
+            members.append(create_model(
+                _component_name(task, index), __base__=_FeedbackItemBase, __validators__=validators,
+                text=text_field,
+                task=(Literal[task], Field(description="The task the text was classified for.")),
+                label=(label_type, Field(description=f"The right label: one of {task!r}'s labels.")),
+                prediction=(label_type | None, Field(None, description=(
+                    "The label the service predicted, when known: live accuracy compares it with `label`.")))))
+        Item = Annotated[Union[tuple(members)], Field(discriminator="task")] if len(members) > 1 else members[0]
 
     class FeedbackRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        items: list[FeedbackIn] = Field(min_length=1, max_length=max_items, description=(
+        items: list[Item] = Field(min_length=1, max_length=max_items, description=(  # type: ignore[valid-type]
             f"1 to {max_items} labelled texts. All are stored, or none (a 400 names each bad item)."))
 
     return FeedbackRequest
