@@ -50,7 +50,7 @@ serve: model
 	CTT_WORKERS=$${CTT_WORKERS:-$(WORKERS)} $(BIN)/bentoml serve service:CTT --port $(PORT)
 
 test: install tools
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
