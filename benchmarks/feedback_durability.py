@@ -207,7 +207,7 @@ def main() -> int:
                 results.append(asyncio.run(one_database(name, {"DATABASE_URL": url}, url, args.kills, args.workers,
                                                         args.clients, work / f"{name}.log", rng)))
             finally:
-                postgres.stop()
+                postgres.remove()
     print_table(["database", "kills", "acknowledged", "stored", "missing", "twice", "rows/s", "failed requests"],
                 [[r["database"], r["kills"], r["acknowledged_rows"], r["stored_rows"], r["missing_acknowledged"],
                   r["stored_twice"], r["rows_per_s"], r["failed_requests"]] for r in results])

@@ -63,6 +63,11 @@ class PostgresServer:
     def stop(self, mode: str = "fast") -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
+    def remove(self) -> None:
+        """Stop the server and delete its folder (the cluster, its socket and its log)."""
+        self.stop()
+        shutil.rmtree(self.folder.parent, ignore_errors=True)
+
     def create_database(self, name: str) -> str:
         self._run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
                   "-c", f'CREATE DATABASE "{name}"')

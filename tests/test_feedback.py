@@ -34,7 +34,7 @@ def postgres_server():
             pytest.fail(str(exc))  # CI installs PostgreSQL (make tools): missing is a failure there
         pytest.skip(str(exc))
     yield server
-    server.stop()
+    server.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
