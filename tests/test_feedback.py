@@ -165,6 +165,12 @@ def test_the_newest_label_of_a_text_wins(database):
 
 
 def test_database_urls_are_checked_and_never_shown_with_passwords(tmp_path):
+    from model.feedback.database import data_dir_for
+
+    # No settings at all (make serve): SQLite in the BentoML home, or under CTT_DATA_DIR.
+    assert data_dir_for(None, {"BENTOML_HOME": str(tmp_path)}) == tmp_path / "ctt-data"
+    assert data_dir_for(None, {"CTT_DATA_DIR": "/srv/ctt"}) == Path("/srv/ctt")
+    assert data_dir_for("/data", {"CTT_DATA_DIR": "/srv/ctt"}) == Path("/data")
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'feedback.sqlite3'}"
     assert normalise_url("postgresql://u:p@db:5432/ctt") == "postgresql+psycopg://u:p@db:5432/ctt"
     assert normalise_url("postgres://u:p@db/ctt") == "postgresql+psycopg://u:p@db/ctt"
@@ -432,6 +438,9 @@ def test_feedback_cli_mistakes_are_one_line(database, monkeypatch, capsys, tmp_p
         assert err.count("\n") == 1 and fragment in err, err
     assert main(["feedback", "prune", "--older-than", "90d"]) == 0
     assert "deleted 0 row(s)" in capsys.readouterr().out
+    monkeypatch.setenv("CTT_FEEDBACK_RETENTION_DAYS", "30")
+    assert main(["feedback", "prune"]) == 0  # the retention setting is the default age
+    assert "deleted 0 row(s) older than 30d" in capsys.readouterr().out
     assert main(["feedback", "stats"]) == 0
     assert "topic" in capsys.readouterr().out
     monkeypatch.setenv("DATABASE_URL", "mysql://u:hunter2@db/x")
