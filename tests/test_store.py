@@ -73,7 +73,7 @@ def test_two_learns_started_together_both_land_in_latest(empty_store, topic_file
             time.sleep(0.2)
     finally:
         holder.release()
-    outputs = [p.communicate(timeout=120) for p in (first, second)]
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outputs
     latest = store.get_version()
     assert sorted(latest.metadata["tasks"]) == ["question", "topic"]
@@ -167,14 +167,14 @@ def test_a_kill_at_any_step_of_registration_leaves_only_complete_versions(regist
 def test_ctrl_c_in_a_real_learn_process_registers_nothing(empty_store, topic_files):
     process = ctt_process(*micro_learn_args("topic", topic_files[0]),
                          env_extra={store.KILL_HOOK_VARIABLE: "manifest-written:INT"})
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=300)
     assert process.returncode == 130 and "nothing was registered" in err and "Traceback" not in err
     assert store.list_versions() == [] and store.store_problems() == []
 
 
 def test_sigkill_of_a_real_learn_process_after_the_rename(capsys, empty_store, topic_files):
     process = ctt_process(*micro_learn_args("topic", topic_files[0]), env_extra={store.KILL_HOOK_VARIABLE: "renamed"})
-    process.communicate(timeout=120)
+    process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
     assert_store_sound()
     assert len(store.list_versions()) == 1
