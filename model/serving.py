@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import CTTError
-from model.settings import TASK_NAME_MAX_CHARS, SecretSource, Settings, api_keys, default
+from model.settings import TASK_NAME_MAX_CHARS, SecretSource, Settings, api_keys
 
 logger = logging.getLogger("ctt")
 

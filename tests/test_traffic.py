@@ -303,6 +303,6 @@ def test_the_api_keeps_its_openapi_contract_under_fuzzing(model_name, tmp_path):
         st = Path(sys.executable).parent / "st"
         result = subprocess.run([str(st), "--no-color", "run", f"{url}/docs.json", "-H", f"X-API-Key: {api_key}", "--checks", "all",
                                  "--max-examples", "60", "--seed", "20261128"],
-                                capture_output=True, text=True, timeout=300)
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its example database
     assert result.returncode == 0, result.stdout[-4000:]
     assert "Traceback" not in log.read_text()
