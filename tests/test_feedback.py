@@ -198,23 +198,11 @@ def test_an_unreachable_database_is_unavailable_quickly_not_an_error():
 def feedback_model(tmp_path_factory):
     """A two-task micro model under its own name in the test store."""
     from model import store
-    from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, write_jsonl
-    from training.learn import LearnSettings, learn
+    from tests.conftest import QUESTION_ROWS, TOPIC_ROWS, micro_model
 
-    name = f"ctt-feedback-{uuid.uuid4().hex[:8]}"
-    previous = os.environ.get("CTT_MODEL_NAME")
-    os.environ["CTT_MODEL_NAME"] = name
-    folder = tmp_path_factory.mktemp("feedback-model")
-    settings = LearnSettings(backbone="micro", epochs=1, progress=False)
-    learn("topic", write_jsonl(folder / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY]),
-          settings=settings)
-    learn("question", write_jsonl(folder / "q.jsonl", [(t, "q") for t in QUESTION] + [(t, "s") for t in STATEMENT]),
-          settings=settings)
-    yield name, store.get_version()
-    if previous is None:
-        os.environ.pop("CTT_MODEL_NAME", None)
-    else:
-        os.environ["CTT_MODEL_NAME"] = previous
+    with micro_model("ctt-feedback", tmp_path_factory.mktemp("feedback-model"),
+                     {"topic": TOPIC_ROWS, "question": QUESTION_ROWS}) as name:
+        yield name, store.get_version()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
