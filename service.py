@@ -22,17 +22,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.batching import BatchFailed, ContinuousBatcher, ItemFailed, Overloaded
 from model.errors import CTTError
 from model.lifecycle import Activity, ActivityMiddleware, RetryingLoader, ServerReadiness, drain_then_shut_down
-from model.serving import (CLASSIFY_PATH, HEALTH_PATH, INTERNAL_PATHS, JSON_BODY_PATHS, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH,
-                           AuthMiddleware, BodyLimitMiddleware, Credentials, JSONOnlyMiddleware, ErrorBody, Metrics, Prediction, Problem,
-                           RetryAfterMiddleware, bound_request_metric_paths, classify_request_model,
-                           configure_json_logging, echo)
-from model.registry import read_config
-from model.settings import SecretSource, Settings, check_startup_credentials
 from model.feedback.api import (SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics, feedback_request_model,
                                 parse_since)
 from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
 from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
-from model.serving import FEEDBACK_PATH, FEEDBACK_STATS_PATH
+from model.registry import read_config
+from model.serving import (CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH, HEALTH_PATH, INTERNAL_PATHS,
+                           JSON_BODY_PATHS, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH, AuthMiddleware,
+                           BodyLimitMiddleware, Credentials, ErrorBody, JSONOnlyMiddleware, Metrics, Prediction,
+                           Problem, RetryAfterMiddleware, bound_request_metric_paths, classify_request_model,
+                           configure_json_logging, echo)
+from model.settings import SecretSource, Settings, check_startup_credentials
 
 # torch and the model are imported in the workers only (see __init__): BentoML's supervisor
 # process imports this file too, and without them it starts in a fraction of the time.
@@ -55,25 +55,18 @@ MODEL_TAG = settings.model_tag or f"{settings.model_name}:latest"
 
 
 def served_task_labels() -> dict[str, list[str]]:
-    """Each task of the served version with its labels, for the feedback schema (empty when the
-    version cannot be read here, as for served_task_names)."""
+    """Each task of the version this service will serve, with its labels, for the request
+    schemas. Empty when the version cannot be read here (the service then fails at start with
+    BentoML's own error)."""
     try:
         return {task["name"]: task["labels"] for task in read_config(Path(bentoml.models.get(MODEL_TAG).path))["tasks"]}
     except Exception:
         return {}
 
 
-def served_task_names() -> list[str]:
-    """The task names of the version this service will serve, for the request schema. Empty when
-    the version cannot be read here (the service then fails at start with BentoML's own error)."""
-    try:
-        return [task["name"] for task in read_config(Path(bentoml.models.get(MODEL_TAG).path))["tasks"]]
-    except Exception:
-        return []
-
-
-ClassifyRequest = classify_request_model(served_task_names(), settings.max_items, settings.max_text_chars)
-FeedbackRequest = feedback_request_model(served_task_labels(), settings.max_items, settings.max_text_chars)
+SERVED_TASK_LABELS = served_task_labels()
+ClassifyRequest = classify_request_model(list(SERVED_TASK_LABELS), settings.max_items, settings.max_text_chars)
+FeedbackRequest = feedback_request_model(SERVED_TASK_LABELS, settings.max_items, settings.max_text_chars)
 ERRORS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
     (400, "The body is not a valid request: `problems` names each item and field."),
     (401, "Missing or invalid credentials."),
