@@ -200,14 +200,13 @@ class CTT:
     @routes.post(CLASSIFY_PATH, response_model=list[Prediction], responses=ERRORS)
     async def classify(self, request: Request, body: ClassifyRequest):  # type: ignore[valid-type]
         """Classify texts, each for its own task; items of concurrent requests share forward passes."""
-        retry = {"Retry-After": str(settings.retry_after_s)}
         if self.loader.value is None:
-            return error(503, self.loader.public_problem or "the model is still loading", headers=retry)
+            return error(503, self.loader.public_problem or "the model is still loading")
         try:
             return await self.batcher.submit(body.items)
         except Overloaded as exc:
             self.metrics.record_shed()
-            return error(503, str(exc), headers=retry)
+            return error(503, str(exc))
         except ItemFailed as exc:
             logger.warning(f"422 {CLASSIFY_PATH}: {exc}")
             return error(422, str(exc), [Problem(loc=["items", exc.index, "text"], message=str(exc))])
@@ -242,7 +241,7 @@ class CTT:
             return self.feedback_endpoint.store([item.to_item() for item in body.items])
         except FeedbackUnavailable as exc:
             logger.warning(f"503 {FEEDBACK_PATH}: {exc}")
-            return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+            return error(503, str(exc))
 
     @routes.get(FEEDBACK_STATS_PATH, responses=ERRORS)
     def feedback_stats(self, since: str | None = Query(None, pattern=SINCE_PATTERN, description=(
@@ -252,7 +251,7 @@ class CTT:
         try:
             return self.feedback_endpoint.stats(parse_since(since, "since") if since else None)
         except FeedbackUnavailable as exc:
-            return error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+            return error(503, str(exc))
 
     @routes.get(HEALTH_PATH)
     def health(self):
@@ -263,13 +262,13 @@ class CTT:
                 "ready_workers": self.readiness.ready_workers(), "workers": settings.workers}
         if self.loader.public_problem:
             body["problem"] = self.loader.public_problem
-        headers = None if loaded else {"Retry-After": str(settings.retry_after_s)}
-        return JSONResponse(body, status_code=200 if loaded else 503, headers=headers)
+        return JSONResponse(body, status_code=200 if loaded else 503)
 
 
 # Unknown paths share one metrics label instead of adding series (BentoML labels raw paths).
 bound_request_metric_paths(frozenset(PUBLIC_API_PATHS + INTERNAL_PATHS), ("/static_content/",))
-# Starlette wraps middlewares in the order added, the first outermost: Retry-After on every 503,
+# Starlette wraps middlewares in the order added, the first outermost: Retry-After on every 503
+# (the one place that sets it: routes answer a bare 503),
 # then auth (headers only), then the body limit reads a body.
 CTT.add_asgi_middleware(RetryAfterMiddleware, retry_after_s=settings.retry_after_s)
 CTT.add_asgi_middleware(AuthMiddleware, credentials=credentials)

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 logger = logging.getLogger("ctt")
@@ -46,15 +45,13 @@ class BatchFailed(Exception):
 class _Request:
     items: Sequence[Any]
     future: asyncio.Future
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class ContinuousBatcher:
     """``run(items) -> results`` is called in one worker thread, never concurrently with itself."""
 
     def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch_items: int, max_queued_items: int,
-                 retry_after_s: int = 1, on_batch: Callable[[int, float], None] | None = None,
-                 healthy: Callable[[], bool] = lambda: True):
+                 retry_after_s: int = 1, healthy: Callable[[], bool] = lambda: True):
         """``healthy()`` runs known-good input: when a request fails on its own, it tells a bad
         item (the model still works) from a broken service (it does not)."""
         self.run = run
@@ -62,10 +59,8 @@ class ContinuousBatcher:
         self.max_batch_items = max_batch_items
         self.max_queued_items = max_queued_items
         self.retry_after_s = retry_after_s
-        self.on_batch = on_batch
         self._queue: list[_Request] = []
         self._queued_items = 0
-        self._in_flight = 0  # requests submitted and not yet answered
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         # One thread: the model is not re-entrant, and the event loop must stay free to answer
@@ -75,10 +70,6 @@ class ContinuousBatcher:
     @property
     def queued_items(self) -> int:
         return self._queued_items
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def _ensure_running(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -94,13 +85,9 @@ class ContinuousBatcher:
         request = _Request(items, asyncio.get_running_loop().create_future())
         self._queue.append(request)
         self._queued_items += len(items)
-        self._in_flight += 1
         assert self._wakeup is not None
         self._wakeup.set()
-        try:
-            return await request.future
-        finally:
-            self._in_flight -= 1
+        return await request.future
 
     def _take_batch(self) -> list[_Request]:
         batch, count = [], 0
@@ -131,14 +118,10 @@ class ContinuousBatcher:
     def _run_isolated(self, batch: list[_Request]) -> list[list[Any] | BaseException]:
         """Run the merged batch; if it fails, find out whose items fail and answer the others."""
         items = [item for request in batch for item in request.items]
-        started = time.perf_counter()
         try:
             results = self.run(items)
         except Exception:
             return self._run_apart(batch)
-        finally:
-            if self.on_batch:
-                self.on_batch(len(items), time.perf_counter() - started)
         outcomes, start = [], 0
         for request in batch:
             outcomes.append(results[start:start + len(request.items)])
