@@ -26,6 +26,7 @@ from model.feedback.api import (SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics
                                 parse_since)
 from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
 from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
+from model.precision import MAX_ACCURACY_LOSS, served_precisions
 from model.registry import read_config
 from model.serving import (CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH, HEALTH_PATH, INTERNAL_PATHS,
                            JSON_BODY_PATHS, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH, AuthMiddleware,
@@ -134,6 +135,9 @@ class CTT:
         self.registry = read_config(folder)
         self.metrics_summary = read_record(folder)
         self.task_summaries = task_summaries(folder)
+        # Each task in CTT_PRECISION where this version measured it close enough to fp32, else fp32.
+        self.precisions = served_precisions(settings.precision, [t["name"] for t in self.registry["tasks"]],
+                                            self.metrics_summary)
         self.metrics = Metrics(settings.monitoring_enabled)
         # Opened lazily and migrated in the background: a database that is down never delays
         # the model, /classify or readiness; /feedback answers 503 until it is back.
@@ -161,15 +165,22 @@ class CTT:
         return model
 
     def _warm_up(self, model=None) -> bool:
-        """Every task once on a known-good text (also the batcher's health probe)."""
+        """Every task once on a known-good text, in the precision it is served in (the first int8
+        pass quantises the backbone); also the batcher's health probe."""
         model = model or self.loader.value
-        model.logits(["warm-up"] * len(model.tasks), model.task_names)
+        model.predict(["warm-up"] * len(model.tasks), model.task_names, precisions=self.precisions)
         return True
 
     def _loaded(self, model) -> None:
-        self.metrics.record_model(self.tag, settings.environment, len(model.tasks))
+        self.metrics.record_model(self.tag, settings.environment, len(model.tasks), self.precisions)
         self.readiness.mark_ready()
-        logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone {model.backbone.info.spec}")
+        fallback = sorted(task for task, precision in self.precisions.items() if precision != settings.precision)
+        if fallback:
+            logger.warning(f"CTT_PRECISION={settings.precision}, but {self.tag} did not measure {len(fallback)} "
+                           f"task(s) within {100 * MAX_ACCURACY_LOSS:g} point of fp32 in it: serving "
+                           f"{', '.join(fallback[:10])}{' …' if len(fallback) > 10 else ''} in fp32")
+        logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone {model.backbone.info.spec}, "
+                    f"precision {settings.precision}")
 
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
@@ -191,7 +202,8 @@ class CTT:
         assert model is not None
         tasks = [item.task for item in items]
         started = time.perf_counter()
-        predictions = model.predict([item.text for item in items], tasks, batch_size=settings.max_batch_size)
+        predictions = model.predict([item.text for item in items], tasks, batch_size=settings.max_batch_size,
+                                    precisions=self.precisions)
         self.metrics.record_batch(tasks, time.perf_counter() - started)
         return [Prediction(task=p.task, label=p.label, score=p.score,
                            probabilities=p.probabilities if item.probabilities else None)
@@ -230,6 +242,10 @@ class CTT:
             "max_length": self.registry["max_length"], "task_count": len(self.registry["tasks"]),
             "metrics": {key: self.metrics_summary.get(key) for key in ("mean_accuracy", "bwt", "mean_forgetting", "accuracy")},
             "environment": settings.environment,
+            # What CTT_PRECISION asked for, and what each task is served in (fp32 where the version
+            # did not measure the requested precision within tolerance).
+            "precision": {"setting": settings.precision, "tasks": self.precisions,
+                          "max_accuracy_loss": MAX_ACCURACY_LOSS},
         }
 
     @routes.post(FEEDBACK_PATH, response_model=FeedbackAccepted, responses=ERRORS)

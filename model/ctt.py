@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +24,7 @@ from torch import nn
 
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
+from model.precision import REFERENCE_PRECISION, check_precision, int8_encoder
 from model.registry import CONFIG_FILE, FORMAT_VERSION, read_config
 from model.settings import default
 
@@ -240,16 +241,24 @@ class ContinualTinyTransformer(nn.Module):
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def encoder_in(self, precision: str) -> nn.Module:
+        """The shared frozen encoder (fp32) or its quantised copy (int8, model/precision.py)."""
+        if check_precision(precision) == REFERENCE_PRECISION:
+            return self.encoder
+        return int8_encoder(self.encoder)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               precision: str = REFERENCE_PRECISION) -> torch.Tensor:
+        encoder = self.encoder_in(precision)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return masked_mean(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                task_ids: torch.Tensor) -> torch.Tensor:
+                task_ids: torch.Tensor, precision: str = REFERENCE_PRECISION) -> torch.Tensor:
         """Logits (rows, widest label set); classes a row's task lacks are -inf."""
         with scaling(self.bank["key"][task_ids], self.bank["value"][task_ids],
                      self.bank["ffn"][task_ids]):
-            pooled = self.pooled(input_ids, attention_mask)
+            pooled = self.pooled(input_ids, attention_mask, precision)
         # An elementwise product summed over the hidden axis keeps each row's logits independent
         # of how many classes other tasks have, so adding a task cannot perturb old logits.
         logits = (self.bank["head_weight"][task_ids] * pooled.unsqueeze(1)).sum(-1)
@@ -271,25 +280,32 @@ class ContinualTinyTransformer(nn.Module):
         return torch.cat(chunks) if chunks else torch.empty(0, self.backbone.info.hidden_size)
 
     @torch.inference_mode()
-    def logits(self, texts: Sequence[str], task_names: Sequence[str]) -> torch.Tensor:
+    def logits(self, texts: Sequence[str], task_names: Sequence[str],
+               precision: str = REFERENCE_PRECISION) -> torch.Tensor:
         task_ids = torch.tensor([self.task_index(name) for name in task_names], dtype=torch.long)
-        return self(**self.tokenize(texts), task_ids=task_ids)
+        return self(**self.tokenize(texts), task_ids=task_ids, precision=precision)
 
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], task_names: Sequence[str],
-                batch_size: int = 32, max_batch_tokens: int = BATCH_TOKEN_BUDGET) -> list[Prediction]:
-        """Predictions in the order given. Texts are tokenised once and grouped by length into
-        passes of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens, so short
+                batch_size: int = 32, max_batch_tokens: int = BATCH_TOKEN_BUDGET,
+                precisions: Mapping[str, str] | None = None) -> list[Prediction]:
+        """Predictions in the order given. Texts are tokenised once and grouped by precision
+        (``precisions`` maps a task to the one it is served in; fp32 by default), then by length
+        into passes of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens, so short
         texts are padded only to other short texts and long ones run in smaller passes (mixed
-        traffic would otherwise pay the longest text's length for every row). A row's result does
-        not depend on its neighbours beyond float rounding."""
+        traffic would otherwise pay the longest text's length for every row). In fp32 a row's
+        result does not depend on its neighbours beyond float rounding; in int8 it moves within
+        model/precision.py's stated tolerance."""
         task_ids = [self.task_index(name) for name in task_names]
+        row_precision = [(precisions or {}).get(name, REFERENCE_PRECISION) for name in task_names]
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         ids, masks = encoded["input_ids"], encoded["attention_mask"]
-        order = sorted(range(len(texts)), key=lambda row: len(ids[row]))
+        order = sorted(range(len(texts)), key=lambda row: (row_precision[row], len(ids[row])))
         passes: list[list[int]] = [[]]
-        for row in order:  # ascending length: the row being added is the pass's longest
-            if passes[-1] and (len(passes[-1]) >= batch_size or (len(passes[-1]) + 1) * len(ids[row]) > max_batch_tokens):
+        for row in order:  # ascending length within a precision: the row added is the pass's longest
+            current = passes[-1]
+            if current and (len(current) >= batch_size or (len(current) + 1) * len(ids[row]) > max_batch_tokens
+                            or row_precision[current[0]] != row_precision[row]):
                 passes.append([])
             passes[-1].append(row)
         predictions: list[Prediction | None] = [None] * len(texts)
@@ -298,7 +314,8 @@ class ContinualTinyTransformer(nn.Module):
                 continue
             padded = self.tokenizer.pad({"input_ids": [ids[r] for r in rows], "attention_mask": [masks[r] for r in rows]},
                                         return_tensors="pt")
-            logits = self(padded["input_ids"], padded["attention_mask"], torch.tensor([task_ids[r] for r in rows]))
+            logits = self(padded["input_ids"], padded["attention_mask"], torch.tensor([task_ids[r] for r in rows]),
+                          precision=row_precision[rows[0]])
             for row, probabilities in zip(rows, torch.softmax(logits, -1)):
                 labels = self.tasks[task_ids[row]].labels
                 best = int(probabilities.argmax())

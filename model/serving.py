@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import CTTError
+from model.precision import PRECISIONS
 from model.settings import TASK_NAME_MAX_CHARS, SecretSource, Settings, api_keys
 
 logger = logging.getLogger("ctt")
@@ -364,6 +365,9 @@ class Metrics:
         self.model_info = prometheus.Gauge(
             "ctt_model_info", "The served model version (value is its task count).",
             ["tag", "environment"], multiprocess_mode="livemax")
+        self.served_tasks = prometheus.Gauge(
+            "ctt_served_tasks", "Tasks served in each precision (CTT_PRECISION, with fp32 where a task's "
+            "version did not measure it within tolerance).", ["precision"], multiprocess_mode="livemax")
         self.shed = prometheus.Counter(
             "ctt_shed_requests", "Requests refused with 503 because the worker's queue was full.")
         self.queued_items = prometheus.Gauge(
@@ -377,9 +381,11 @@ class Metrics:
         if self.enabled:
             self.queued_items.set(items)
 
-    def record_model(self, tag: str, environment: str, task_count: int) -> None:
+    def record_model(self, tag: str, environment: str, task_count: int, precisions: dict[str, str]) -> None:
         if self.enabled:
             self.model_info.labels(tag=tag, environment=environment).set(task_count)
+            for precision in PRECISIONS:
+                self.served_tasks.labels(precision=precision).set(list(precisions.values()).count(precision))
 
     def record_batch(self, tasks: list[str], seconds: float) -> None:
         if not self.enabled:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from model.errors import CTTError
+from model.precision import MAX_ACCURACY_LOSS, PRECISIONS
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
 # Outside these, the service refuses to start without credentials (it fails closed).
@@ -134,6 +135,10 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request body (413 above it); the Ingress allows the same", _whole(1024)),
     Setting("CTT_WORKERS", "workers", "1", "worker processes (one per CPU of the pod's limit)", _whole(1, 64)),
     Setting("CTT_TORCH_THREADS", "torch_threads", "1", "torch threads per worker", _whole(1, 64)),
+    Setting("CTT_PRECISION", "precision", "int8",
+            "`int8` (dynamically quantised backbone, several times faster) or `fp32` (the reference); a "
+            f"task is served in int8 only where its version measured it within {100 * MAX_ACCURACY_LOSS:g} "
+            "point of fp32, otherwise in fp32 (`/model` lists each task's)", _choice(*PRECISIONS)),
     Setting("JWT_AUDIENCE", "jwt_audience", None, "when set, JWTs must carry this `aud`", _optional_text),
     Setting("JWT_ISSUER", "jwt_issuer", None, "when set, JWTs must carry this `iss`", _optional_text),
     Setting("JWT_MAX_LIFETIME_S", "jwt_max_lifetime_s", "3600",
@@ -199,6 +204,7 @@ class Settings:
     max_body_bytes: int
     workers: int
     torch_threads: int
+    precision: str
     jwt_audience: str | None
     jwt_issuer: str | None
     jwt_max_lifetime_s: int

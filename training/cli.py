@@ -10,6 +10,7 @@ from pathlib import Path
 
 from deploy.cli import add_deploy_parser
 from model.errors import CTTError
+from model.precision import MAX_ACCURACY_LOSS, accuracy_loss
 from training.settings import SELECT_ON, learn_default
 from training.demo import DEMO_TRAIN_LIMIT
 
@@ -40,6 +41,12 @@ def _table(headers: list[str], rows: list[list], stream=None) -> None:
 
 
 # ----- commands ---------------------------------------------------------------------------
+def precision_report(report) -> dict[str, float]:
+    """Tasks whose int8 accuracy is too far below fp32 to be served in int8, with the loss."""
+    losses = accuracy_loss({"accuracy": report.accuracy, "precision_accuracy": report.precision_accuracy}, "int8")
+    return {name: loss for name, loss in losses.items() if loss is not None and loss > MAX_ACCURACY_LOSS + 1e-12}
+
+
 def cmd_learn(args) -> int:
     from training.learn import LearnSettings, learn
 
@@ -67,9 +74,13 @@ def cmd_learn(args) -> int:
     if report.replaced:
         print(f"replaced the existing task {report.task!r} (its old module is gone from this version)",
               file=sys.stderr)
-    rows = [[name, report.accuracy[name], report.learned_accuracy[name], report.probe_accuracy.get(name),
-             report.forgetting.get(name)] for name in report.tasks]
-    _table(["task", "accuracy", "when learned", "probe", "forgetting"], rows, stream=sys.stderr)
+    int8 = report.precision_accuracy.get("int8", {})
+    rows = [[name, report.accuracy[name], int8.get(name), report.learned_accuracy[name],
+             report.probe_accuracy.get(name), report.forgetting.get(name)] for name in report.tasks]
+    _table(["task", "accuracy", "int8", "when learned", "probe", "forgetting"], rows, stream=sys.stderr)
+    for name, loss in precision_report(report).items():
+        print(f"task {name!r} loses {100 * loss:.1f} points in int8 (more than {100 * MAX_ACCURACY_LOSS:.1f}): "
+              "the service serves it in fp32", file=sys.stderr)
     print(f"mean accuracy {_fmt(report.mean_accuracy)}, BWT {_fmt(report.bwt)}; task module "
           f"{report.module_parameters} parameters ({report.module_bytes / 1024:.1f} KiB, "
           f"{100 * report.module_parameters / report.backbone_parameters:.3f} % of the backbone); "

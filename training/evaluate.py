@@ -14,19 +14,20 @@ import torch
 from tqdm import tqdm
 
 from model.ctt import ContinualTinyTransformer
+from model.precision import REFERENCE_PRECISION
 from training.data import Example
 
 
 @torch.inference_mode()
 def accuracy(model: ContinualTinyTransformer, task: str, examples: list[Example],
-             batch_size: int = 64, progress: bool = False) -> float:
+             batch_size: int = 64, progress: bool = False, precision: str = REFERENCE_PRECISION) -> float:
     labels = model.task(task).labels
     label_index = {label: i for i, label in enumerate(labels)}
     correct = 0
     starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=f"evaluate {task}", disable=not progress, leave=False, unit="batch"):
+    for start in tqdm(starts, desc=f"evaluate {task} ({precision})", disable=not progress, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
-        logits = model.logits([e.text for e in batch], [task] * len(batch))
+        logits = model.logits([e.text for e in batch], [task] * len(batch), precision=precision)
         predicted = logits.argmax(-1).tolist()
         correct += sum(label_index.get(e.label, -1) == p for e, p in zip(batch, predicted))
     return correct / len(examples) if examples else 0.0

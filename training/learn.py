@@ -19,6 +19,7 @@ import torch
 from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.ctt import ContinualTinyTransformer, Task, check_task_name
 from model.errors import CTTError
+from model.precision import PRECISIONS, REFERENCE_PRECISION
 from model.store import METRICS_FILE, Version, get_version, has_versions, register_version, store_lock
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
 from training.evaluate import ContinualMetrics, accuracy, continual_metrics
@@ -41,6 +42,7 @@ class LearnReport(ContinualMetrics):
     tasks: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     probe_accuracy: dict[str, float | None] = field(default_factory=dict)
+    precision_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # int8: task → accuracy
     accuracy_matrix: dict = field(default_factory=dict)
     epochs_run: int = 0
     best_epoch: int = 0
@@ -65,7 +67,8 @@ class LearnReport(ContinualMetrics):
             **{name: record[name] for name in metric_names},
             tag=record["tag"], parent=record["parent"], task=record["new_task"], replaced=record["replaced"],
             tasks=record["tasks"], labels=record["labels"][record["new_task"]],
-            probe_accuracy=record["probe_accuracy"], accuracy_matrix=record["accuracy_matrix"],
+            probe_accuracy=record["probe_accuracy"], precision_accuracy=record.get("precision_accuracy", {}),
+            accuracy_matrix=record["accuracy_matrix"],
             epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
             train_examples=examples["train_examples"], eval_examples=examples["eval_examples"],
             module_parameters=training["module_parameters"], module_bytes=training["module_bytes"],
@@ -192,6 +195,12 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
     ]
     measured = {t.name: accuracy(model, t.name, examples_, progress=settings.progress)
                 for t, examples_ in zip(model.tasks, eval_sets)}
+    # Every task in every faster precision too: the service serves a task in int8 only where this
+    # record shows it within MAX_ACCURACY_LOSS of the fp32 accuracy above (model/precision.py).
+    precision_accuracy = {precision: {t.name: accuracy(model, t.name, examples_, progress=settings.progress,
+                                                       precision=precision)
+                                      for t, examples_ in zip(model.tasks, eval_sets)}
+                          for precision in PRECISIONS if precision != REFERENCE_PRECISION}
     facts[task_name] = {
         "learned_accuracy": measured[task_name], "probe_accuracy": probe_accuracy,
         "examples": {"train_examples": len(fit), "held_out_examples": len(held_out), "eval_examples": len(evaluation)},
@@ -226,6 +235,7 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
         "backbone": model.backbone.info.spec, "backbone_digest": model.backbone.info.digest,
         "max_length": model.max_length,
         **asdict(metrics),
+        "precision_accuracy": precision_accuracy,
         "probe_accuracy": {name: facts[name]["probe_accuracy"] for name in model.task_names},
         "examples": {name: facts[name]["examples"] for name in model.task_names},
         "accuracy_matrix": matrix,

@@ -1,0 +1,94 @@
+"""The int8 fast path: a quantised copy of the shared encoder, per-row task scaling kept, accuracy
+measured per precision, and fp32 wherever a version did not measure int8 close enough."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model.backbone import load_backbone
+from model.ctt import SITES, ContinualTinyTransformer, Task
+from model.precision import (MAX_ACCURACY_LOSS, MIXED_BATCH_LABEL_AGREEMENT, MIXED_BATCH_MEDIAN_DRIFT,
+                             int8_encoder, served_precisions)
+from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, TOPIC_ROWS, QUESTION_ROWS, micro_model
+from training.cli import precision_report
+
+TEXTS = SPORT + MONEY + QUESTION + STATEMENT
+
+
+def three_task_model() -> ContinualTinyTransformer:
+    """Three tasks with distinct, non-trivial modules on the micro backbone."""
+    backbone = load_backbone("micro")
+    info = backbone.info
+    generator = torch.Generator().manual_seed(7)
+    widths = {"key": info.hidden_size, "value": info.hidden_size, "ffn": info.intermediate_size}
+    bank = {site: 1 + 0.3 * torch.randn(3, info.num_layers, widths[site], generator=generator) for site in SITES}
+    bank["head_weight"] = torch.randn(3, 3, info.hidden_size, generator=generator)
+    bank["head_bias"] = torch.zeros(3, 3)
+    tasks = [Task("a", ["x", "y", "z"]), Task("b", ["x", "y"]), Task("c", ["x", "y", "z"])]
+    bank["head_weight"][1, 2] = 0.0
+    return ContinualTinyTransformer(backbone, 64, tasks=tasks, bank=bank)
+
+
+def test_the_int8_copy_leaves_the_shared_encoder_alone_and_keeps_the_task_scaling():
+    model = three_task_model()
+    before = model.logits(TEXTS[:8], ["a"] * 8)
+    quantised = int8_encoder(model.encoder)
+    assert int8_encoder(model.encoder) is quantised, "quantised once per process, then shared"
+    assert quantised is not model.encoder and quantised.embeddings is model.encoder.embeddings
+    assert all(type(layer.attention.self.key) is torch.nn.Linear for layer in model.encoder.encoder.layer)
+    assert torch.equal(model.logits(TEXTS[:8], ["a"] * 8), before), "fp32 changed after quantising a copy"
+    int8 = model.logits(TEXTS[:8], ["a"] * 8, precision="int8")
+    assert not torch.equal(int8, before) and torch.allclose(int8, before, atol=0.5)
+    # The hooks survived the swap: different tasks still give different int8 logits.
+    assert not torch.allclose(model.logits(TEXTS[:8], ["a"] * 8, precision="int8"),
+                              model.logits(TEXTS[:8], ["c"] * 8, precision="int8"))
+
+
+def test_mixed_task_batches_agree_with_rows_served_alone_in_each_precision():
+    model = three_task_model()
+    rng = random.Random(0)
+    texts = TEXTS + [" ".join(rng.sample(TEXTS, 6)) for _ in range(10)]  # short and long rows mixed
+    tasks = [rng.choice("abc") for _ in texts]
+    precisions = {"a": "int8", "b": "int8", "c": "fp32"}
+    mixed = model.predict(texts, tasks, precisions=precisions)
+    alone = [model.predict([text], [task], precisions=precisions)[0] for text, task in zip(texts, tasks)]
+    fp32 = model.predict(texts, tasks)
+
+    drift = [max(abs(m.probabilities[k] - a.probabilities[k]) for k in a.probabilities) for m, a in zip(mixed, alone)]
+    for row, task in enumerate(tasks):
+        if task == "c":  # fp32 rows are exact up to float rounding, whatever shares their call
+            assert drift[row] < 1e-5 and mixed[row].label == alone[row].label
+    int8_rows = [row for row, task in enumerate(tasks) if task != "c"]
+    assert statistics.median(drift[r] for r in int8_rows) <= MIXED_BATCH_MEDIAN_DRIFT
+    agreement = sum(mixed[r].label == alone[r].label for r in int8_rows) / len(int8_rows)
+    assert agreement >= MIXED_BATCH_LABEL_AGREEMENT
+    # int8 rows really took the fast path: they differ from fp32, slightly.
+    assert any(mixed[r].probabilities != fp32[r].probabilities for r in int8_rows)
+    assert all(mixed[r].task == tasks[r] and set(mixed[r].probabilities) == set(model.task(tasks[r]).labels)
+               for r in range(len(texts)))
+
+
+def test_a_task_is_served_in_int8_only_where_its_version_measured_it_close_to_fp32():
+    record = {"accuracy": {"kept": 0.90, "edge": 0.90, "lossy": 0.90, "unmeasured": 0.90},
+              "precision_accuracy": {"int8": {"kept": 0.91, "edge": 0.90 - MAX_ACCURACY_LOSS, "lossy": 0.89}}}
+    tasks = ["kept", "edge", "lossy", "unmeasured"]
+    assert served_precisions("int8", tasks, record) == {
+        "kept": "int8", "edge": "int8", "lossy": "fp32", "unmeasured": "fp32"}
+    assert served_precisions("fp32", tasks, record) == dict.fromkeys(tasks, "fp32")
+    assert served_precisions("int8", tasks, {}) == dict.fromkeys(tasks, "fp32"), "an older version: fp32"
+    report = SimpleNamespace(accuracy=record["accuracy"], precision_accuracy=record["precision_accuracy"])
+    assert precision_report(report) == {"lossy": pytest.approx(0.01)}
+
+
+def test_learn_records_every_task_in_every_precision(tmp_path):
+    from model.store import get_version
+
+    with micro_model("ctt-precision", tmp_path, {"topic": TOPIC_ROWS, "question": QUESTION_ROWS}):
+        record = get_version().record()
+    assert set(record["precision_accuracy"]["int8"]) == {"topic", "question"}
+    assert all(0.0 <= value <= 1.0 for value in record["precision_accuracy"]["int8"].values())
