@@ -361,17 +361,20 @@ def peer_process(command: list[str], port: int, env: dict[str, str], ready_path:
 
 
 def st_server(bin_dir: Path, model_path: Path, tuned: bool) -> Callable[[Path], ContextManager[str]]:
-    def start(log_path: Path) -> ContextManager[str]:
+    @contextmanager
+    def start(log_path: Path) -> Iterator[str]:
         port = free_port()
-        extra = {"PEER_MODEL_PATH": str(model_path), "BENTOML_HOME": tempfile.mkdtemp(prefix="ctt-peers-st-")}
-        if tuned:
-            # One single-threaded worker per core (the layout that serves CTT best on 2 cores), and no
-            # per-request access log (CTT runs at LOG_LEVEL=WARNING, which silences BentoML's).
-            extra.update(PEER_WORKERS="2", PEER_TORCH_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                         PEER_ACCESS_LOG="false")
-        command = [str(bin_dir / "bentoml"), "serve", "st_service:SentenceTransformers", "--host", "127.0.0.1",
-                   "--port", str(port)]
-        return peer_process(command, port, peer_env(extra), "/readyz", log_path, cwd=PEER_SOURCES)
+        with tempfile.TemporaryDirectory(prefix="ctt-peers-st-") as home:
+            extra = {"PEER_MODEL_PATH": str(model_path), "BENTOML_HOME": home}
+            if tuned:
+                # One single-threaded worker per core (the layout that serves CTT best on 2 cores), and no
+                # per-request access log (CTT runs at LOG_LEVEL=WARNING, which silences BentoML's).
+                extra.update(PEER_WORKERS="2", PEER_TORCH_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                             PEER_ACCESS_LOG="false")
+            command = [str(bin_dir / "bentoml"), "serve", "st_service:SentenceTransformers", "--host", "127.0.0.1",
+                       "--port", str(port)]
+            with peer_process(command, port, peer_env(extra), "/readyz", log_path, cwd=PEER_SOURCES) as url:
+                yield url
 
     return start
 
