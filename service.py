@@ -152,6 +152,8 @@ class CTT:
         # The backbone loads and warms up in the background; readiness waits for every worker.
         self.loader = RetryingLoader(lambda: self._load(folder), settings.load_attempts,
                                      on_loaded=self._loaded).start()
+        global this_worker
+        this_worker = self
 
     def _load(self, folder: Path):
         from model.ctt import ContinualTinyTransformer
@@ -209,9 +211,8 @@ class CTT:
                            probabilities=p.probabilities if item.probabilities else None)
                 for item, p in zip(items, predictions)]
 
-    @routes.post(CLASSIFY_PATH, response_model=list[Prediction], responses=ERRORS)
-    async def classify(self, request: Request, body: ClassifyRequest):  # type: ignore[valid-type]
-        """Classify texts, each for its own task; items of concurrent requests share forward passes."""
+    async def classify(self, body) -> list[Prediction] | JSONResponse:
+        """The work of POST /classify (the route itself is `classify` below the class)."""
         if self.loader.value is None:
             return error(503, self.loader.public_problem or "the model is still loading")
         try:
@@ -279,6 +280,20 @@ class CTT:
         if self.loader.public_problem:
             body["problem"] = self.loader.public_problem
         return JSONResponse(body, status_code=200 if loaded else 503)
+
+
+this_worker: CTT | None = None  # the one service instance of this worker process (set in __init__)
+
+
+@routes.post(CLASSIFY_PATH, response_model=list[Prediction], responses=ERRORS)
+async def classify(body: ClassifyRequest):  # type: ignore[valid-type]
+    """Classify texts, each for its own task; items of concurrent requests share forward passes."""
+    # A plain function, not a method like the other routes: BentoML hands a method its `self`
+    # through a synchronous FastAPI dependency, which costs every request a round trip through
+    # the thread pool, the largest cost of the hot path after the forward pass itself.
+    if this_worker is None:
+        return error(503, "the model is still loading")
+    return await this_worker.classify(body)
 
 
 # Unknown paths share one metrics label instead of adding series (BentoML labels raw paths).
