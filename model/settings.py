@@ -136,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CTT_WORKERS", "workers", "1", "worker processes (one per CPU of the pod's limit)", _whole(1, 64)),
     Setting("CTT_TORCH_THREADS", "torch_threads", "1", "torch threads per worker", _whole(1, 64)),
     Setting("CTT_PRECISION", "precision", "int8",
-            "`int8` (dynamically quantised backbone, several times faster) or `fp32` (the reference); a "
+            "`int8` (dynamically quantised backbone, about 1.5× the forward rate) or `fp32` (the reference); a "
             f"task is served in int8 only where its version measured it within {100 * MAX_ACCURACY_LOSS:g} "
             "point of fp32, otherwise in fp32 (`/model` lists each task's)", _choice(*PRECISIONS)),
     Setting("JWT_AUDIENCE", "jwt_audience", None, "when set, JWTs must carry this `aud`", _optional_text),
