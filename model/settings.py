@@ -119,7 +119,8 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(2, 4096)),
     Setting("CTT_MAX_QUEUED_ITEMS", "max_queued_items", "32",
             "most items waiting per worker; beyond it a request gets 503 with Retry-After at once "
-            "(about 1 s of work for one MiniLM worker thread: `benchmarks/overload.py` measures it)",
+            "(about 0.5 s of work for a MiniLM worker in int8, which serves about 59 texts/s at saturation: "
+            "`benchmarks/peers.py`; `benchmarks/overload.py` measures the shedding)",
             _whole(1, 100_000)),
     Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
     Setting("CTT_SHUTDOWN_DRAIN_S", "shutdown_drain_s", "20",
