@@ -412,6 +412,28 @@ def test_bodies_over_the_limit_are_a_413_however_they_are_sent(server):
     assert classify(url, [{"text": "goal", "task": "topic"}]).status_code == 200
 
 
+def test_oversized_request_headers_are_refused_before_anything_holds_them(server):
+    """A header section of any size must not be buffered: uvicorn's h11 parser refuses one above
+    16 KiB. (With httptools installed uvicorn has no such limit: a 32 MiB header was accepted, and
+    no middleware of ours runs before headers are complete.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url := server[0])
+    reply = b""
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        try:
+            connection.sendall(b"GET /livez HTTP/1.1\r\nHost: ctt\r\nX-Big: " + b"a" * (4 << 20) + b"\r\n\r\n")
+        except OSError:
+            pass  # the server closed the connection while we were still sending: refused
+        try:
+            reply = connection.recv(4096)
+        except OSError:
+            pass
+    assert not reply.startswith(b"HTTP/1.1 2"), reply[:200]
+    assert httpx.get(f"{url}/livez").status_code == 200
+
+
 def test_served_routes_are_exactly_the_declared_public_and_internal_paths(server):
     """The Ingress lists PUBLIC_API_PATHS: no route may be served that is in neither list."""
     from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
