@@ -26,7 +26,7 @@ from model.feedback.api import (SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics
                                 parse_since)
 from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
 from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
-from model.precision import MAX_ACCURACY_LOSS, served_precisions
+from model.precision import MAX_ACCURACY_LOSS, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving import (CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH, HEALTH_PATH, INTERNAL_PATHS,
                            JSON_BODY_PATHS, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH, AuthMiddleware,
@@ -163,14 +163,15 @@ class CTT:
         # never serves, and its CTTError (naming the file) is what /health shows.
         verify_version(folder)
         model = ContinualTinyTransformer.load(folder, settings.max_tasks)
-        self._warm_up(model)
+        self.precisions = warm_up_or_fall_back(lambda precisions: self._warm_up(model, precisions),
+                                               self.precisions, lambda message: logger.error(message, exc_info=True))
         return model
 
-    def _warm_up(self, model=None) -> bool:
+    def _warm_up(self, model=None, precisions: dict[str, str] | None = None) -> bool:
         """Every task once on a known-good text, in the precision it is served in (the first int8
         pass quantises the backbone); also the batcher's health probe."""
         model = model or self.loader.value
-        model.predict(["warm-up"] * len(model.tasks), model.task_names, precisions=self.precisions)
+        model.predict(["warm-up"] * len(model.tasks), model.task_names, precisions=precisions or self.precisions)
         return True
 
     def _loaded(self, model) -> None:

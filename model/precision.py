@@ -16,16 +16,21 @@ own error against fp32: a median of 0.0004 in probability, 0.03 at the 90th perc
 label change only for rows already near a decision boundary (2 of 80 rows of a mixed pass; 1 of
 80 between fp32 and int8). The stated tolerance below is what tests hold a mixed pass to against
 the same rows served alone. Because of it accuracy is measured,
-never assumed: `ctt learn` records every task's accuracy in every precision, and a task is served
-in int8 only when its version measured it there within `MAX_ACCURACY_LOSS` of fp32. Anything else
-(a larger loss, an older version that never measured int8) is served in fp32.
+never assumed: `ctt learn` records every task's accuracy in every precision (int8 in passes that
+mix every task's evaluation rows, as the service's passes do), and a task is served in int8 only
+when its version measured it there within `MAX_ACCURACY_LOSS` of fp32. Anything else (a larger
+loss, an older version that never measured int8, a damaged record, a machine where the int8 path
+fails to warm up) is served in fp32.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import threading
 import warnings
+import weakref
 from typing import Mapping
 
 from model.errors import CTTError
@@ -39,7 +44,8 @@ MAX_ACCURACY_LOSS = 0.005
 MIXED_BATCH_MEDIAN_DRIFT = 0.01
 MIXED_BATCH_LABEL_AGREEMENT = 0.95
 
-_quantised: dict[int, object] = {}
+# Keyed by the encoder itself, weakly: a backbone dropped from load_backbone's cache takes its copy along.
+_quantised: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _quantise_lock = threading.Lock()
 
 
@@ -52,11 +58,15 @@ def int8_encoder(encoder):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with _quantise_lock:
-        found = _quantised.get(id(encoder))
-        if found is not None and found[0] is encoder:
-            return found[1]
-        # The memo maps the embeddings to themselves: copied by reference, the original untouched.
-        body = copy.deepcopy(encoder, memo={id(encoder.embeddings): encoder.embeddings})
+        found = _quantised.get(encoder)
+        if found is not None:
+            return found
+        # The memo maps the embedding tables to themselves: the copy shares the tensors but has
+        # modules of its own, so nothing done to the copy (eval(), quantisation's bookkeeping) or
+        # to the original (train() while learning) reaches the other.
+        embeddings = encoder.embeddings
+        shared = {id(tensor): tensor for tensor in itertools.chain(embeddings.parameters(), embeddings.buffers())}
+        body = copy.deepcopy(encoder, memo=shared)
         with warnings.catch_warnings():
             # torch.ao's eager quantisation is deprecated in favour of torchao, but it is what the
             # pinned torch ships and runs fastest here; the pin keeps it available.
@@ -65,7 +75,7 @@ def int8_encoder(encoder):
                                          dtype=torch.qint8, inplace=True)
         quantised.eval()
         _check_hooks_kept(encoder, quantised)
-        _quantised[id(encoder)] = (encoder, quantised)
+        _quantised[encoder] = quantised
         return quantised
 
 
@@ -88,17 +98,44 @@ def check_precision(precision: str) -> str:
 def accuracy_loss(record: Mapping, precision: str) -> dict[str, float | None]:
     """Per task, fp32 accuracy minus ``precision`` accuracy as the version measured them (None
     where the version did not measure that precision)."""
-    reference = record.get("accuracy") or {}
-    measured = (record.get("precision_accuracy") or {}).get(precision) or {}
-    return {task: (reference[task] - measured[task]) if task in measured else None for task in reference}
+    reference = _mapping(record.get("accuracy"))
+    measured = _mapping(_mapping(record.get("precision_accuracy")).get(precision))
+    return {task: reference[task] - measured[task] if _is_accuracy(reference[task]) and _is_accuracy(measured.get(task))
+            else None for task in reference}
+
+
+def _mapping(value) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _is_accuracy(value) -> bool:
+    """A number a version could have measured (a damaged record's null, text or NaN is none)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def served_precisions(requested: str, tasks: list[str], record: Mapping) -> dict[str, str]:
     """The precision each task is served in: ``requested`` where the version measured it within
-    ``MAX_ACCURACY_LOSS`` of fp32, otherwise fp32."""
+    ``MAX_ACCURACY_LOSS`` of fp32, otherwise fp32 (also for whatever a damaged record holds)."""
     check_precision(requested)
+    record = _mapping(record)
     if requested == REFERENCE_PRECISION:
         return {task: REFERENCE_PRECISION for task in tasks}
     losses = accuracy_loss(record, requested)
     return {task: requested if losses.get(task) is not None and losses[task] <= MAX_ACCURACY_LOSS + 1e-12
             else REFERENCE_PRECISION for task in tasks}
+
+
+def warm_up_or_fall_back(warm_up, precisions: dict[str, str], log) -> dict[str, str]:
+    """Run ``warm_up(precisions)``; if it fails while some task uses a faster precision (quantising
+    the backbone, or its kernels on this CPU), serve every task in fp32 instead of not at all.
+    Returns the precisions in effect; a failure in fp32 itself is the model's and is raised."""
+    try:
+        warm_up(precisions)
+        return precisions
+    except Exception:
+        if all(precision == REFERENCE_PRECISION for precision in precisions.values()):
+            raise
+        log("the fast precision failed to warm up on this machine: serving every task in fp32")
+    reference = dict.fromkeys(precisions, REFERENCE_PRECISION)
+    warm_up(reference)
+    return reference

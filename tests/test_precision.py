@@ -13,7 +13,7 @@ import torch
 from model.backbone import load_backbone
 from model.ctt import SITES, ContinualTinyTransformer, Task
 from model.precision import (MAX_ACCURACY_LOSS, MIXED_BATCH_LABEL_AGREEMENT, MIXED_BATCH_MEDIAN_DRIFT,
-                             int8_encoder, served_precisions)
+                             int8_encoder, served_precisions, warm_up_or_fall_back)
 from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT, TOPIC_ROWS, QUESTION_ROWS, micro_model
 from training.cli import precision_report
 
@@ -39,7 +39,14 @@ def test_the_int8_copy_leaves_the_shared_encoder_alone_and_keeps_the_task_scalin
     before = model.logits(TEXTS[:8], ["a"] * 8)
     quantised = int8_encoder(model.encoder)
     assert int8_encoder(model.encoder) is quantised, "quantised once per process, then shared"
-    assert quantised is not model.encoder and quantised.embeddings is model.encoder.embeddings
+    assert quantised is not model.encoder and quantised.embeddings is not model.encoder.embeddings
+    assert quantised.embeddings.word_embeddings.weight is model.encoder.embeddings.word_embeddings.weight
+    # Modules are the copy's own: training mode set on the shared encoder never reaches the copy.
+    model.encoder.train()
+    try:
+        assert not quantised.training and not quantised.embeddings.dropout.training
+    finally:
+        model.encoder.eval()
     assert all(type(layer.attention.self.key) is torch.nn.Linear for layer in model.encoder.encoder.layer)
     assert torch.equal(model.logits(TEXTS[:8], ["a"] * 8), before), "fp32 changed after quantising a copy"
     int8 = model.logits(TEXTS[:8], ["a"] * 8, precision="int8")
@@ -81,6 +88,11 @@ def test_a_task_is_served_in_int8_only_where_its_version_measured_it_close_to_fp
         "kept": "int8", "edge": "int8", "lossy": "fp32", "unmeasured": "fp32"}
     assert served_precisions("fp32", tasks, record) == dict.fromkeys(tasks, "fp32")
     assert served_precisions("int8", tasks, {}) == dict.fromkeys(tasks, "fp32"), "an older version: fp32"
+    for damaged in ({"int8": {"kept": None}}, {"int8": {"kept": "0.9"}}, {"int8": ["kept"]}, ["int8"],
+                    {"int8": {"kept": float("nan")}}, {"int8": {"kept": True}}):
+        broken = {"accuracy": {"kept": 0.9}, "precision_accuracy": damaged}
+        assert served_precisions("int8", ["kept"], broken) == {"kept": "fp32"}, damaged
+    assert served_precisions("int8", ["kept"], ["not", "a", "record"]) == {"kept": "fp32"}
     report = SimpleNamespace(accuracy=record["accuracy"], precision_accuracy=record["precision_accuracy"])
     assert precision_report(report) == {"lossy": pytest.approx(0.01)}
 
@@ -92,3 +104,36 @@ def test_learn_records_every_task_in_every_precision(tmp_path):
         record = get_version().record()
     assert set(record["precision_accuracy"]["int8"]) == {"topic", "question"}
     assert all(0.0 <= value <= 1.0 for value in record["precision_accuracy"]["int8"].values())
+
+
+def test_a_fast_path_that_fails_to_warm_up_falls_back_to_fp32_but_a_broken_model_still_fails():
+    calls, logged = [], []
+
+    def int8_breaks(precisions):
+        calls.append(dict(precisions))
+        if "int8" in precisions.values():
+            raise RuntimeError("no int8 kernels here")
+
+    served = warm_up_or_fall_back(int8_breaks, {"a": "int8", "b": "fp32"}, logged.append)
+    assert served == {"a": "fp32", "b": "fp32"} and calls[-1] == served and len(logged) == 1
+
+    def everything_breaks(precisions):
+        raise RuntimeError("the model itself is broken")
+
+    with pytest.raises(RuntimeError):
+        warm_up_or_fall_back(everything_breaks, {"a": "fp32"}, logged.append)
+    with pytest.raises(RuntimeError):
+        warm_up_or_fall_back(everything_breaks, {"a": "int8"}, logged.append)
+
+
+def test_int8_is_measured_in_mixed_passes_as_the_service_serves_them():
+    from training.data import Example
+    from training.evaluate import accuracies_as_served, accuracy
+
+    model = three_task_model()
+    sets = {name: [Example(text, model.task(name).labels[i % len(model.task(name).labels)])
+                   for i, text in enumerate(TEXTS[k::3])] for k, name in enumerate(model.task_names)}
+    fp32 = accuracies_as_served(model, sets, "fp32")
+    assert fp32 == {name: accuracy(model, name, examples) for name, examples in sets.items()}
+    int8 = accuracies_as_served(model, sets, "int8")
+    assert set(int8) == set(sets) and all(abs(int8[n] - fp32[n]) <= 0.2 for n in sets)

@@ -33,6 +33,28 @@ def accuracy(model: ContinualTinyTransformer, task: str, examples: list[Example]
     return correct / len(examples) if examples else 0.0
 
 
+@torch.inference_mode()
+def accuracies_as_served(model: ContinualTinyTransformer, eval_sets: dict[str, list[Example]], precision: str,
+                         batch_size: int = 32) -> dict[str, float]:
+    """Each task's accuracy with its rows served the way the service serves them: every task's
+    evaluation rows interleaved into shared passes of ``batch_size`` (the service's default
+    CTT_MAX_BATCH_SIZE) through ``predict``. In int8 a row moves with the rest of its pass, so this
+    measures what mixed traffic gets rather than passes of one task alone."""
+    rows: list[tuple[str, Example]] = []
+    for index in range(max((len(examples) for examples in eval_sets.values()), default=0)):
+        # Round-robin over the tasks, so that every pass mixes them as traffic would.
+        rows += [(name, examples[index]) for name, examples in eval_sets.items() if index < len(examples)]
+    precisions = dict.fromkeys(eval_sets, precision)
+    correct = dict.fromkeys(eval_sets, 0)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        predictions = model.predict([e.text for _, e in chunk], [name for name, _ in chunk], batch_size=batch_size,
+                                    precisions=precisions)
+        for (name, example), prediction in zip(chunk, predictions):
+            correct[name] += prediction.label == example.label
+    return {name: correct[name] / len(examples) if examples else 0.0 for name, examples in eval_sets.items()}
+
+
 @dataclass
 class ContinualMetrics:
     accuracy: dict[str, float]
