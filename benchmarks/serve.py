@@ -145,7 +145,10 @@ def main() -> None:
     ceiling = in_process_rate(50, args.seconds, threads=args.threads * args.workers)
     print(f"in-process batched forward: {ceiling:.1f} sequences/s", file=sys.stderr, flush=True)
 
-    env = {"CTT_MODEL_NAME": MODEL_NAME, "CTT_WORKERS": str(args.workers), "CTT_TORCH_THREADS": str(args.threads),
+    # Random task modules and no accuracy record: served in fp32, said explicitly (benchmarks/peers.py
+    # measures int8).
+    env = {"CTT_MODEL_NAME": MODEL_NAME, "CTT_PRECISION": "fp32", "CTT_WORKERS": str(args.workers),
+           "CTT_TORCH_THREADS": str(args.threads),
            "API_KEY": "", "JWT_SECRET": "", "LOG_LEVEL": "WARNING", "CTT_MAX_BATCH_SIZE": "32"}
     rows = []
     with bentoml_serve(env=env) as url:
