@@ -77,8 +77,8 @@ DERIVED_TASKS: dict[str, tuple[str, TaskMaker]] = {
 DEMO_TASKS = ("bbc-topic", "bbc-headline-or-body")
 # Sized so that a fresh `make serve` is serving within about 2 minutes of the install on 2 cores:
 # fewer examples and epochs than `ctt learn`'s defaults, the default recipe otherwise.
-DEMO_TRAIN_LIMIT = 400
-DEMO_TEST_LIMIT = 300
+DEMO_TRAIN_LIMIT = 200
+DEMO_TEST_LIMIT = 200
 DEMO_EPOCHS = 3
 
 
