@@ -44,7 +44,6 @@ import inspect
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.learn import model_with_tasks  # noqa: E402
-from deploy.local import PROJECT, bentoml_serve, free_port  # noqa: E402
+from deploy.local import PROJECT, bentoml_serve, free_port, server_process  # noqa: E402
 from model.backbone import load_backbone, minilm_dir  # noqa: E402
 from model.store import METRICS_FILE, register_version  # noqa: E402
 
@@ -330,36 +329,12 @@ def peer_env(extra: dict[str, str]) -> dict[str, str]:
     return {**environ, **OFFLINE, **extra}
 
 
-@contextmanager
 def peer_process(command: list[str], port: int, env: dict[str, str], ready_path: str, log_path: Path,
-                 cwd: Path, timeout: float = 300.0) -> Iterator[str]:
-    """Run a peer on loopback ``port`` in its own session until ``ready_path`` answers 200."""
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{command[0]} exited with code {process.returncode}; log: {log_path}")
-                try:
-                    if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url}{ready_path} not ready within {timeout:.0f} s; log: {log_path}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+                 cwd: Path, timeout: float = 300.0) -> ContextManager[str]:
+    """Run a peer on loopback ``port`` in its own session, with exactly ``env``, until ``ready_path``
+    answers 200."""
+    return server_process(command, port, log_path=log_path, timeout=timeout, cwd=cwd, ready_path=ready_path,
+                          environ=env)
 
 
 def st_server(bin_dir: Path, model_path: Path, tuned: bool) -> Callable[[Path], ContextManager[str]]:

@@ -28,13 +28,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0, ready_path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early with code {process.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -44,14 +44,16 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> N
 
 @contextmanager
 def server_process(command: list[str], port: int, env: dict | None = None, log_path: Path | None = None,
-                   timeout: float = 120.0, cwd: Path = PROJECT):
-    """Run a server command on loopback ``port`` until its /readyz answers 200; yields its URL."""
+                   timeout: float = 120.0, cwd: Path = PROJECT, ready_path: str = "/readyz",
+                   environ: dict | None = None):
+    """Run a server command on loopback ``port`` until ``ready_path`` answers 200; yields its URL.
+    Its environment is ``environ`` (default: this process's) with ``env`` on top."""
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, cwd=cwd, env={**(os.environ if environ is None else environ), **(env or {})},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_ready(url, process, timeout)
+        wait_ready(url, process, timeout, ready_path)
         yield url
     finally:
         if process.poll() is None:
