@@ -36,7 +36,14 @@ def ctt_process(*argv, env_extra=None) -> subprocess.Popen:
     """``ctt`` as its own process, from this checkout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "training.cli", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A test run started in the background (`make test &` in a script) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt: give the Ctrl-C tests a terminal's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def micro_learn_args(task, train, *extra):
@@ -125,6 +132,7 @@ def _register_in_child(model, version, kill_at: str) -> int:
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT was inherited ignored
         try:
             os.environ[store.KILL_HOOK_VARIABLE] = kill_at
             store.register_version(model, eval_sets=[version.eval_set(0)], metadata={"parent": version.tag},
