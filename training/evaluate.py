@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from model.ctt import ContinualTinyTransformer
 from model.precision import REFERENCE_PRECISION
+from model.settings import default
 from training.data import Example
 
 
@@ -35,10 +36,10 @@ def accuracy(model: ContinualTinyTransformer, task: str, examples: list[Example]
 
 @torch.inference_mode()
 def accuracies_as_served(model: ContinualTinyTransformer, eval_sets: dict[str, list[Example]], precision: str,
-                         batch_size: int = 32) -> dict[str, float]:
+                         batch_size: int = default("CTT_MAX_BATCH_SIZE")) -> dict[str, float]:
     """Each task's accuracy with its rows served the way the service serves them: every task's
-    evaluation rows interleaved into shared passes of ``batch_size`` (the service's default
-    CTT_MAX_BATCH_SIZE) through ``predict``. In int8 a row moves with the rest of its pass, so this
+    evaluation rows interleaved into shared passes of ``batch_size`` (by default the service's)
+    through ``predict``. In int8 a row moves with the rest of its pass, so this
     measures what mixed traffic gets rather than passes of one task alone."""
     rows: list[tuple[str, Example]] = []
     for index in range(max((len(examples) for examples in eval_sets.values()), default=0)):
