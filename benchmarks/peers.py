@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import inspect
 import json
 import os
 import random
@@ -66,6 +65,7 @@ import torch  # noqa: E402
 from benchmarks.learn import model_with_tasks  # noqa: E402
 from deploy.local import PROJECT, bentoml_serve, free_port, server_process  # noqa: E402
 from model.backbone import load_backbone, minilm_dir  # noqa: E402
+from model.precision import REFERENCE_PRECISION  # noqa: E402
 from model.store import METRICS_FILE, register_version  # noqa: E402
 
 MODEL_NAME = "ctt-peers"
@@ -385,20 +385,11 @@ def served_precision(url: str) -> str | None:
 # ----- CTT's model and its forward-only ceiling --------------------------------------------------
 
 
-def supports_precision() -> bool:
-    """Whether this checkout has CTT_PRECISION (the service) and per-pass precision (the model)."""
-    from model.ctt import ContinualTinyTransformer
-    from model.settings import BY_NAME
-
-    return "CTT_PRECISION" in BY_NAME and "precision" in inspect.signature(ContinualTinyTransformer.logits).parameters
+def logits(model, texts: list[str], precision: str) -> torch.Tensor:
+    return model.logits(texts, [TASK] * len(texts), precision=precision)
 
 
-def logits(model, texts: list[str], precision: str | None) -> torch.Tensor:
-    tasks = [TASK] * len(texts)
-    return model.logits(texts, tasks) if precision is None else model.logits(texts, tasks, precision=precision)
-
-
-def register_peers_model(precisions: list[str | None]) -> None:
+def register_peers_model(precisions: list[str]) -> None:
     """Register a one-task model with a random task module (speed does not depend on its values)
     in this run's own throw-away store (isolated_bentoml_home).
 
@@ -409,7 +400,7 @@ def register_peers_model(precisions: list[str | None]) -> None:
     measured by `ctt learn` on real tasks, never here."""
     model = model_with_tasks(load_backbone("minilm"), 1)
     os.environ["CTT_MODEL_NAME"] = MODEL_NAME
-    faster = [p for p in precisions if p not in (None, "fp32")]
+    faster = [p for p in precisions if p != REFERENCE_PRECISION]
     record = {"accuracy": {TASK: 1.0}, "precision_accuracy": {p: {TASK: 1.0} for p in faster},
               "benchmark": "speed fixture of benchmarks/peers.py: random task module, accuracies declared, "
                            "not measured"}
@@ -417,7 +408,7 @@ def register_peers_model(precisions: list[str | None]) -> None:
                      write_extra=lambda folder, tag: (Path(folder) / METRICS_FILE).write_text(json.dumps(record)))
 
 
-def _ceiling_worker(texts: list[str], precision: str | None, seconds: float, batch_size: int,
+def _ceiling_worker(texts: list[str], precision: str, seconds: float, batch_size: int,
                     ready, rates) -> None:
     """One forward-only worker: the model loaded and warmed up, then batches for ``seconds``."""
     torch.set_num_threads(1)
@@ -431,7 +422,7 @@ def _ceiling_worker(texts: list[str], precision: str | None, seconds: float, bat
     rates.put(done / (time.perf_counter() - started))
 
 
-def ceiling_rate(texts: list[str], precision: str | None, seconds: float, workers: int,
+def ceiling_rate(texts: list[str], precision: str, seconds: float, workers: int,
                  batch_size: int = 32) -> float:
     """Texts/s of CTT's batched forward alone, laid out as the service runs it (``workers`` processes
     of one torch thread, all at once): what the cores can do with no serving at all. One process of
@@ -478,7 +469,7 @@ def capacity(median_rows: list[dict], server: str, objective_ms: float) -> dict:
 
 
 def targets(median_rows: list[dict], ctt_labels: list[str], peer_labels: dict[str, str],
-            ceilings: dict[str, float], precision_of: dict[str, str | None]) -> list[dict]:
+            ceilings: dict[str, float], precision_of: dict[str, str]) -> list[dict]:
     """Issue 13's ratios, per CTT variant: name, value, target, met."""
 
     def find(server: str, concurrency: int) -> dict | None:
@@ -501,7 +492,7 @@ def targets(median_rows: list[dict], ctt_labels: list[str], peer_labels: dict[st
                 at32["throughput"] / other["throughput"] if at32 and other else None, 1.8)
         add(f"{label} p50 at c=1 / fastest peer's p50 at c=1",
             at1["p50_ms"] / fastest_peer_p50 if at1 and fastest_peer_p50 else None, 1.0, higher_is_better=False)
-        ceiling = ceilings.get(precision_of[label] or "default")
+        ceiling = ceilings.get(precision_of[label])
         saturation = max((r["throughput"] for r in median_rows if r["server"] == label), default=None)
         add(f"{label} best req/s / own forward-only ceiling",
             saturation / ceiling if saturation and ceiling else None, 0.85)
@@ -587,26 +578,19 @@ def main() -> None:
     bins = {name: ensure_peer_venv(name, args.skip_install) for name in ("st", "infinity") if name in args.only}
     peer_versions = {name: versions(str(path / "python"), PEER_PACKAGES[name]) for name, path in bins.items()}
 
-    # CTT's variants: one per precision where this checkout has the setting, else the default only.
+    # CTT's variants: one per precision (or the one --ctt-env names).
     overrides = parse_env_overrides(args.ctt_env)
     base_env = {"CTT_MODEL_NAME": MODEL_NAME, "CTT_WORKERS": str(CTT_WORKERS), "CTT_TORCH_THREADS": "1", "API_KEY": "",
                 "JWT_SECRET": "", "LOG_LEVEL": "WARNING", **overrides}
-    precisions: list[str | None]
-    if "CTT_PRECISION" in overrides:
-        precisions = [overrides["CTT_PRECISION"]]
-    elif supports_precision():
-        precisions = list(args.precisions)
-    else:
-        precisions = [None]
-        notes.append("this checkout has no CTT_PRECISION setting: CTT ran in its default precision only")
+    precisions = [overrides["CTT_PRECISION"]] if "CTT_PRECISION" in overrides else list(args.precisions)
     servers: list[Server] = []
-    precision_of: dict[str, str | None] = {}
+    precision_of: dict[str, str] = {}
     if "ctt" in args.only:
         say("registering the benchmark model")
         register_peers_model(precisions)
         for precision in precisions:
-            label = f"ctt {precision}" if precision else "ctt"
-            env = {**base_env, **({"CTT_PRECISION": precision} if precision else {})}
+            label = f"ctt {precision}"
+            env = {**base_env, "CTT_PRECISION": precision}
             servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT, ctt_server(env), precision))
             precision_of[label] = precision
     peer_labels = {}
@@ -634,9 +618,9 @@ def main() -> None:
         if measure_ceiling:
             for precision in precisions:
                 rate = ceiling_rate(texts, precision, args.seconds, CTT_WORKERS)
-                ceiling_rows.append({"round": round_index, "precision": precision or "default", "rate": rate,
+                ceiling_rows.append({"round": round_index, "precision": precision, "rate": rate,
                                      "loadavg_1m_after": os.getloadavg()[0]})
-                say(f"  forward-only ceiling {precision or 'default'}: {rate:.1f} texts/s "
+                say(f"  forward-only ceiling {precision}: {rate:.1f} texts/s "
                     f"(batch 32, {CTT_WORKERS} processes x 1 thread)")
         # Rotating the order spreads any drift of the machine over every server alike.
         shift = (round_index - 1) % len(servers)
@@ -673,7 +657,7 @@ def main() -> None:
     capacities = [capacity(median_rows, label, args.p99_objective_ms) for label in ctt_labels]
     for label in ctt_labels:
         best = max((r["throughput"] for r in median_rows if r["server"] == label), default=0.0)
-        ceiling = ceilings.get(precision_of[label] or "default")
+        ceiling = ceilings.get(precision_of[label])
         if ceiling and best > ceiling:
             # The ceiling runs the service's own layout without HTTP: below the service, it was disturbed.
             notes.append(f"{label} served more than its forward-only ceiling ({best:.0f} > {ceiling:.0f}/s): the "
