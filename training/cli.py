@@ -10,7 +10,7 @@ from pathlib import Path
 
 from deploy.cli import add_deploy_parser
 from model.errors import CTTError
-from model.precision import MAX_ACCURACY_LOSS, accuracy_loss
+from model.precision import MAX_ACCURACY_LOSS, accuracy_loss, served_precisions
 from training.settings import SELECT_ON, learn_default
 from training.demo import DEMO_TRAIN_LIMIT
 
@@ -42,9 +42,11 @@ def _table(headers: list[str], rows: list[list], stream=None) -> None:
 
 # ----- commands ---------------------------------------------------------------------------
 def precision_report(report) -> dict[str, float]:
-    """Tasks whose int8 accuracy is too far below fp32 to be served in int8, with the loss."""
-    losses = accuracy_loss({"accuracy": report.accuracy, "precision_accuracy": report.precision_accuracy}, "int8")
-    return {name: loss for name, loss in losses.items() if loss is not None and loss > MAX_ACCURACY_LOSS + 1e-12}
+    """Tasks the service will serve in fp32 although int8 was measured, with their int8 loss."""
+    record = {"accuracy": report.accuracy, "precision_accuracy": report.precision_accuracy}
+    served = served_precisions("int8", list(report.accuracy), record)
+    return {name: loss for name, loss in accuracy_loss(record, "int8").items()
+            if loss is not None and served[name] != "int8"}
 
 
 def cmd_learn(args) -> int:
