@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -119,8 +121,9 @@ class RetryingLoader(Generic[T]):
 class Activity:
     """Requests to the public API in flight in this worker, and when the last one started."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.clock = clock
+        self.sleep = sleep
         self.in_flight = 0
         self.last_started = clock()
 
@@ -131,15 +134,52 @@ class Activity:
     def finished(self) -> None:
         self.in_flight -= 1
 
-    def wait_quiet(self, quiet_s: float, limit_s: float) -> bool:
-        """Block until nothing is in flight and nothing started for ``quiet_s`` (or ``limit_s``
-        passed); True when it went quiet."""
-        deadline = self.clock() + limit_s
+    def wait_quiet(self, quiet_s: float, limit_s: float, since: float | None = None,
+                   waiting: Callable[[], int] = lambda: 0) -> bool:
+        """Block until nothing is in flight, nothing started for ``quiet_s`` (counted from
+        ``since`` at the earliest), and ``waiting()`` connections wait to be accepted; or until
+        ``limit_s`` passed. True when it went quiet."""
+        start = self.clock()
+        deadline = start + limit_s
+        since = start if since is None else since
         while self.clock() < deadline:
-            if self.in_flight == 0 and self.clock() - self.last_started >= quiet_s:
+            if (self.in_flight == 0 and self.clock() - max(self.last_started, since) >= quiet_s
+                    and waiting() == 0):
                 return True
-            time.sleep(0.05)
+            self.sleep(0.05)
         return False
+
+
+def connections_waiting_to_be_accepted() -> int:
+    """Connections in the accept queues of this process's listening TCP sockets.
+
+    The workers of one server share the listening socket BentoML's supervisor opened; a
+    connection the kernel has completed but no worker has accepted yet is in its queue, and a
+    socket closed with connections queued resets them. Linux reports the queue's length as
+    ``tcpi_unacked`` of a listening socket's TCP_INFO; elsewhere this counts nothing."""
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    waiting = 0
+    for name in descriptors:
+        try:
+            fd = int(name)
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if (sock.family not in (socket.AF_INET, socket.AF_INET6)
+                        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    continue
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except (OSError, ValueError):
+            continue
+        waiting += struct.unpack_from("I", info, _TCPI_UNACKED_OFFSET)[0]
+    return waiting
+
+
+# struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked.
+_TCPI_UNACKED_OFFSET = 24
 
 
 class ActivityMiddleware:
@@ -164,8 +204,8 @@ QUIET_BEFORE_SHUTDOWN_S = 1.0
 
 def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_limit_s: float) -> None:
     """On SIGTERM: not Ready at once, keep serving until the public API has been quiet for a
-    moment (requests still reaching the pod while endpoints update, and requests already sent
-    but not yet read, are answered), then hand over to uvicorn's graceful shutdown, which stops
+    moment since SIGTERM and no connection waits to be accepted (requests still reaching the pod
+    while endpoints update, and requests already sent but not yet read, are answered), then hand over to uvicorn's graceful shutdown, which stops
     accepting and finishes what it holds. Without the drain, uvicorn closes connections whose
     request it has not read yet, and their clients see a connection error instead of an answer."""
     if threading.current_thread() is not threading.main_thread():
@@ -173,7 +213,11 @@ def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_l
     previous = signal.getsignal(signal.SIGTERM)
 
     def shut_down(signum, frame) -> None:
-        quiet = activity.wait_quiet(QUIET_BEFORE_SHUTDOWN_S, drain_limit_s)
+        # Quiet is counted from SIGTERM, not from the last request this worker read: on a busy
+        # machine requests already sent can still be waiting to be accepted, which is no sign
+        # that the load balancer has stopped sending.
+        quiet = activity.wait_quiet(QUIET_BEFORE_SHUTDOWN_S, drain_limit_s, since=activity.clock(),
+                                    waiting=connections_waiting_to_be_accepted)
         logger.info(f"SIGTERM: drained ({'quiet' if quiet else f'limit of {drain_limit_s:.0f} s reached'}); "
                     "shutting down")
         if callable(previous):

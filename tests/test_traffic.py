@@ -283,6 +283,61 @@ def test_sigterm_answers_every_request_in_flight_20_times(model_name):
     assert lost == []
 
 
+def test_the_drain_counts_connections_no_worker_has_accepted_and_quiet_starts_at_sigterm():
+    import socket
+
+    from model.lifecycle import Activity, connections_waiting_to_be_accepted
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        before = connections_waiting_to_be_accepted()
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        time.sleep(0.1)
+        assert connections_waiting_to_be_accepted() == before + 3
+        listener.accept()[0].close()
+        assert connections_waiting_to_be_accepted() == before + 2
+        for client in clients:
+            client.close()
+
+    now = [100.0]
+    waiting = [2]
+
+    def sleep_and_tick(_):
+        now[0] += 0.5
+        waiting[0] = max(0, waiting[0] - 1)
+
+    activity = Activity(clock=lambda: now[0], sleep=sleep_and_tick)
+    now[0] = 500.0  # the last request started long ago; SIGTERM now
+    assert activity.wait_quiet(1.0, 30.0, since=now[0], waiting=lambda: waiting[0])
+    assert now[0] >= 501.0 and waiting[0] == 0
+
+
+def test_sigterm_answers_requests_still_waiting_to_be_accepted(model_name):
+    """The worst moment on a busy machine: the requests sit in the listening socket's accept queue,
+    read by no worker yet, when SIGTERM arrives. Frozen workers (SIGSTOP) make that moment certain:
+    they see SIGTERM before they accept anything. Every such request must still get its answer."""
+    body = json.dumps({"items": [{"text": " ".join(TEXTS), "task": "topic"}]}).encode()
+    env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": "", "JWT_SECRET": "",
+           "CTT_WORKERS": "2"}
+    with bentoml_serve(env=env) as url:
+        supervisor = _server_pid(url)
+        workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True,
+                                                      text=True).stdout.split()]
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            connections = [_send_request(url, body) for _ in range(8)]
+            os.kill(supervisor, signal.SIGTERM)
+            time.sleep(1.0)  # the supervisor passes SIGTERM on to the (frozen) workers
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        statuses = [_status_of(connection) for connection in connections]
+    assert statuses == ["HTTP/1.1 200 OK"] * len(statuses)
+
+
 def _server_pid(url: str) -> int:
     port = url.rsplit(":", 1)[1]
     found = subprocess.run(["pgrep", "-f", f"bentoml serve service:CTT --host 127.0.0.1 --port {port}$"],
