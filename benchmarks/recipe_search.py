@@ -2,15 +2,17 @@
 
     python benchmarks/recipe_search.py --tasks tweet-sentiment bbc-headline-topic --recipes old new
 
-For each task and recipe it trains one module (training/recipe.py) and records, after every epoch
-(epoch 0 is the probe), the held-out scores and the test accuracy, so that every selection rule
-(raw loss, temperature-scaled loss, accuracy) can be compared on the same runs. Writes
-benchmarks/results/continual-recipe.json.
+For each task, recipe and seed it trains one module (training/recipe.py) through the whole
+schedule and records, after every epoch (epoch 0 is the probe), the held-out scores and the test
+accuracy, so that every selection rule (the last epoch, raw loss, temperature-scaled loss,
+accuracy) can be compared on the same runs; --mixes also scores weight-space mixes of the last
+epoch with the probe. Appends to benchmarks/results/continual-recipe.json; --summary prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -37,10 +39,12 @@ RECIPES = {
     "fast": dict(learning_rate=3e-2, head_learning_rate=1e-3, warmup=0.1, vector_pull=0.0),
     "pull": dict(learning_rate=3e-2, head_learning_rate=1e-3, warmup=0.1, vector_pull=1.0),
     "head": dict(learning_rate=1e-2, head_learning_rate=1e-2, warmup=0.1, vector_pull=0.0),
+    "slow-vectors": dict(learning_rate=3e-3, head_learning_rate=1e-3, warmup=0.1, vector_pull=0.0),
+    "slow-head": dict(learning_rate=1e-2, head_learning_rate=1e-4, warmup=0.1, vector_pull=0.0),
 }
 
 
-def run(model, name, train, test, recipe_name, seed, epochs):
+def run(model, name, train, test, recipe_name, seed, epochs, mix_alphas=()):
     values = dict(RECIPES[recipe_name])
     constant = values["warmup"] is None
     values["warmup"] = 0.0 if constant else values["warmup"]
@@ -52,27 +56,59 @@ def run(model, name, train, test, recipe_name, seed, epochs):
     targets = torch.tensor([index[e.label] for e in test])
     test_accuracy = []
 
+    held_targets = torch.tensor([index[e.label] for e in held_out])
+    states = {}
+
     def on_epoch(epoch, module):
         logits = recipe.held_out_logits(model, module, test)
         test_accuracy.append(int((logits.argmax(-1) == targets).sum()) / len(test))
+        states[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     original = recipe.lr_lambda
     if constant:
         recipe.lr_lambda = lambda total, warmup: (lambda step: 1.0)
     started = time.perf_counter()
     try:
-        _, info = recipe.train_task_module(model, labels, fit, held_out, settings, on_epoch=on_epoch)
+        trained, info = recipe.train_task_module(model, labels, fit, held_out, settings, on_epoch=on_epoch)
     finally:
         recipe.lr_lambda = original
     history = info["history"]
     for row, acc in zip(history, test_accuracy):
         row["test_accuracy"] = acc
-    picked = {}
+    # Weight-space mixes of the last epoch with the probe (epoch 0), WiSE-FT style: every
+    # parameter at (1 - alpha) * probe + alpha * trained.
+    mixes = []
+    last = max(states)
+    module = copy.deepcopy(trained)
+    for alpha in mix_alphas:
+        module.load_state_dict({k: (1 - alpha) * states[0][k] + alpha * states[last][k] for k in states[0]})
+        held = recipe.score(recipe.held_out_logits(model, module, held_out), held_targets)
+        logits = recipe.held_out_logits(model, module, test)
+        mixes.append({"alpha": alpha, **held.__dict__,
+                      "test_accuracy": int((logits.argmax(-1) == targets).sum()) / len(test)})
+    picked = {"last": {"epoch": history[-1]["epoch"], "test_accuracy": history[-1]["test_accuracy"]}}
     for rule in ("loss", "calibrated-loss", "accuracy"):
         best = max(history, key=lambda r: recipe.Score(r["accuracy"], r["loss"], r["calibrated_loss"]).key(rule))
         picked[rule] = {"epoch": best["epoch"], "test_accuracy": best["test_accuracy"]}
     return {"task": name, "recipe": recipe_name, "seed": seed, "seconds": time.perf_counter() - started,
-            "history": history, "picked": picked}
+            "history": history, "picked": picked, "mixes": mixes}
+
+
+def summary(runs: list[dict]) -> None:
+    """Per recipe and selection rule: test accuracy minus the probe's, per task (mean over seeds)
+    and over tasks. ("last" is the last epoch before recipe.py's sign-test guard, which can only
+    fall back to the probe where the held-out slice shows the last epoch clearly worse.)"""
+    by: dict = {}
+    for r in runs:
+        probe = r["history"][0]["test_accuracy"]
+        for rule, chosen in r["picked"].items():
+            by.setdefault(r["recipe"], {}).setdefault(rule, {}).setdefault(r["task"], []).append(
+                chosen["test_accuracy"] - probe)
+    for recipe_name, rules in by.items():
+        for rule, tasks in rules.items():
+            means = {task: 100 * sum(v) / len(v) for task, v in tasks.items()}
+            print(f"{recipe_name:12s} {rule:15s} mean over tasks {sum(means.values()) / len(means):+5.2f}  "
+                  + "  ".join(f"{task} {m:+.1f} (n={len(tasks[task])})" for task, m in means.items()))
 
 
 def main() -> None:
@@ -83,25 +119,32 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--mixes", type=float, nargs="*", default=[],
+                        help="also score weight-space mixes of the last epoch with the probe at these alphas")
     parser.add_argument("--out", default=str(RESULTS / "continual-recipe.json"))
+    parser.add_argument("--summary", action="store_true", help="print the saved runs' summary, run nothing")
     args = parser.parse_args()
+    if args.summary:
+        summary(json.loads(Path(args.out).read_text())["runs"])
+        return
 
     model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
     out = Path(args.out)
     results = json.loads(out.read_text())["runs"] if out.exists() else []
-    for name, (train, test) in tasks.items():
-        for recipe_name in args.recipes:
-            result = run(model, name, train, test, recipe_name, args.seed, args.epochs)
-            result["max_length"] = args.max_length
-            results.append(result)
-            curve = " ".join(f"{r['test_accuracy']:.3f}" for r in result["history"])
-            print(f"{name:22s} {recipe_name:5s} {result['seconds']:6.0f}s test by epoch: {curve}  picked: "
-                  + ", ".join(f"{k}→e{v['epoch']} {v['test_accuracy']:.3f}" for k, v in result["picked"].items()),
-                  flush=True)
-            out.write_text(json.dumps({"runs": results}, indent=1))
-
+    runs = [(seed, name, recipe_name) for seed in args.seeds for name in tasks for recipe_name in args.recipes]
+    for seed, name, recipe_name in runs:
+        result = run(model, name, *tasks[name], recipe_name, seed, args.epochs, args.mixes)
+        result["max_length"] = args.max_length
+        results.append(result)
+        curve = " ".join(f"{r['test_accuracy']:.3f}" for r in result["history"])
+        mixes = " ".join(f"a{m['alpha']:g} {m['test_accuracy']:.3f}" for m in result["mixes"])
+        print(f"{name:22s} {recipe_name:5s} seed {seed} {result['seconds']:6.0f}s test by epoch: {curve}  "
+              f"{'mixes: ' + mixes + '  ' if mixes else ''}picked: "
+              + ", ".join(f"{k}→e{v['epoch']} {v['test_accuracy']:.3f}" for k, v in result["picked"].items()),
+              flush=True)
+        out.write_text(json.dumps({"runs": results}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -178,6 +178,36 @@ def test_selection_compares_accuracy_first_then_temperature_scaled_loss():
     assert tie.key("accuracy") > probe.key("accuracy")  # a tie in accuracy goes to the better calibrated loss
 
 
+def test_the_probe_replaces_the_last_epoch_only_when_the_held_out_slice_shows_it_clearly_worse():
+    from training.recipe import significantly_worse
+
+    def correct(pattern: str) -> torch.Tensor:
+        return torch.tensor([c == "1" for c in pattern])
+
+    probe = correct("1" * 20 + "0" * 10)
+    assert not significantly_worse(probe, probe)  # no disagreement
+    assert not significantly_worse(correct("1" * 18 + "0" * 12), probe)  # 2 against 0: noise on 30 examples
+    assert significantly_worse(correct("1" * 12 + "0" * 18), probe)  # 8 against 0
+    assert not significantly_worse(correct("0" * 8 + "1" * 12 + "1" * 8 + "0" * 2), probe)  # 8 against 8
+
+
+def test_by_default_the_whole_schedule_runs_and_its_last_epoch_is_kept(empty_store, topic_files, micro_settings):
+    from training.data import label_set, read_labelled, stratified_split
+    from training.learn import starting_point
+    from training.recipe import train_task_module
+
+    settings = micro_settings(epochs=3, patience=1)  # patience only applies to a held-out selection
+    assert settings.select_on == "last"
+    model, _ = starting_point(None, settings)
+    examples = read_labelled(topic_files[0])
+    fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
+    module, info = train_task_module(model, label_set(examples), fit, held_out, settings)
+    assert info["epochs_run"] == 3 and len(info["history"]) == 4
+    assert info["best_epoch"] in (0, 3)  # the last epoch, or the probe when the last is clearly worse
+    if info["best_epoch"] == 3:
+        assert not torch.equal(module.key, torch.ones_like(module.key))
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     from training.recipe import lr_lambda
 

@@ -295,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=learn_default("batch_size"))
     p.add_argument("--seed", type=int, default=learn_default("seed"))
     p.add_argument("--patience", type=int, default=learn_default("patience"),
-                   help="epochs without improvement before stopping")
+                   help="with a held-out --select-on: epochs without improvement before stopping")
     p.add_argument("--select-on", choices=list(SELECT_ON), default=learn_default("select_on"),
-                   help="held-out measure for early stopping and choosing the epoch (the probe is epoch 0)")
+                   help="which module to keep: the last epoch unless significantly worse than the probe on "
+                        "the held-out slice (last), or the best epoch by a held-out measure, with early "
+                        "stopping (the probe is epoch 0)")
     p.add_argument("--holdout", type=_fraction, default=learn_default("holdout"),
-                   help="share of --train held out for early stopping")
+                   help="share of --train held out to check the module (and, without --eval, to measure it)")
     p.add_argument("--max-forgetting", type=_fraction, default=learn_default("max_forgetting"),
                    help="refuse to register if an old task's accuracy drops by more than this")
     p.add_argument("--min-accuracy", type=_fraction, default=learn_default("min_accuracy"),

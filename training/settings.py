@@ -13,7 +13,7 @@ from model.settings import setting_value
 # Tokens read per text, for a model started from the bare backbone (fixed for its whole lineage).
 DEFAULT_MAX_LENGTH = 128
 
-SELECT_ON = ("accuracy", "calibrated-loss", "loss")
+SELECT_ON = ("last", "accuracy", "calibrated-loss", "loss")
 
 
 @dataclass
@@ -26,10 +26,11 @@ class LearnSettings:
     vector_pull: float = 0.0  # weight of the L2 pull of the scaling vectors towards one
     batch_size: int = 16
     seed: int = 0
-    patience: int = 2  # epochs without a better held-out score before stopping
-    # Epochs (the probe is epoch 0) are compared on held-out accuracy, ties broken by the
-    # temperature-scaled loss ("loss" and "calibrated-loss" compare on those instead).
-    select_on: str = "accuracy"
+    patience: int = 2  # with a held-out selection: epochs without a better score before stopping
+    # "last": the whole schedule, the last epoch kept unless the held-out slice shows it significantly
+    # worse than the probe (epoch 0). "accuracy" / "calibrated-loss" / "loss": the best epoch on the
+    # held-out slice, with early stopping (training/recipe.py says why "last" is the default).
+    select_on: str = "last"
     holdout: float = 0.15  # share of the training file held out for early stopping
     max_eval_examples: int = 1000  # evaluation set kept with the version, stratified
     max_forgetting: float = 0.0
