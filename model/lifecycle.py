@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import struct
 import tempfile
 import threading
 import time
@@ -126,6 +124,7 @@ class Activity:
         self.sleep = sleep
         self.in_flight = 0
         self.last_started = clock()
+        self.draining = False  # from SIGTERM on: every answer closes its connection
 
     def started(self) -> None:
         self.in_flight += 1
@@ -155,31 +154,34 @@ def connections_waiting_to_be_accepted() -> int:
 
     The workers of one server share the listening socket BentoML's supervisor opened; a
     connection the kernel has completed but no worker has accepted yet is in its queue, and a
-    socket closed with connections queued resets them. Linux reports the queue's length as
-    ``tcpi_unacked`` of a listening socket's TCP_INFO; elsewhere this counts nothing."""
+    socket closed with connections queued resets them. Linux lists every TCP socket of the network
+    namespace in /proc/net/tcp{,6}, a listening one (state 0A) with its accept queue's length as
+    rx_queue; this process's own are those whose inode one of its descriptors links to. Read
+    from files only (no descriptor is duplicated or touched). Elsewhere, or on any surprise, 0:
+    the count must never stop a shutdown."""
     try:
-        descriptors = os.listdir("/proc/self/fd")
-    except OSError:
-        return 0
-    waiting = 0
-    for name in descriptors:
-        try:
-            fd = int(name)
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+        inodes = set()
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
                 continue
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                if (sock.family not in (socket.AF_INET, socket.AF_INET6)
-                        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                    continue
-                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
-        except (OSError, ValueError):
-            continue
-        waiting += struct.unpack_from("I", info, _TCPI_UNACKED_OFFSET)[0]
-    return waiting
-
-
-# struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked.
-_TCPI_UNACKED_OFFSET = 24
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+        waiting = 0
+        for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+            try:
+                with open(table, encoding="ascii") as file:
+                    rows = file.read().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                fields = row.split()  # sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
+                if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                    waiting += int(fields[4].split(":")[1], 16)
+        return waiting
+    except Exception:
+        return 0
 
 
 class ActivityMiddleware:
@@ -189,13 +191,29 @@ class ActivityMiddleware:
         self.paths = paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.activity.draining:
+            send = self._closing(send)
+        if scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         self.activity.started()
         try:
             return await self.app(scope, receive, send)
         finally:
             self.activity.finished()
+
+    @staticmethod
+    def _closing(send):
+        """While draining, answers say ``Connection: close``: a client (or a load balancer's pool)
+        then sends its next request on a new connection, to a pod still Ready, instead of on a
+        kept-alive one that shutdown is about to close under it."""
+        async def closing_send(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+        return closing_send
 
 
 # Nothing new for this long means the load balancer has stopped sending: then shut down.
@@ -213,17 +231,21 @@ def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_l
     previous = signal.getsignal(signal.SIGTERM)
 
     def shut_down(signum, frame) -> None:
-        # Quiet is counted from SIGTERM, not from the last request this worker read: on a busy
-        # machine requests already sent can still be waiting to be accepted, which is no sign
-        # that the load balancer has stopped sending.
-        quiet = activity.wait_quiet(QUIET_BEFORE_SHUTDOWN_S, drain_limit_s, since=activity.clock(),
-                                    waiting=connections_waiting_to_be_accepted)
-        logger.info(f"SIGTERM: drained ({'quiet' if quiet else f'limit of {drain_limit_s:.0f} s reached'}); "
-                    "shutting down")
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            os._exit(0)
+        try:
+            # Quiet is counted from SIGTERM, not from the last request this worker read: on a busy
+            # machine requests already sent can still be waiting to be accepted, which is no sign
+            # that the load balancer has stopped sending.
+            quiet = activity.wait_quiet(QUIET_BEFORE_SHUTDOWN_S, drain_limit_s, since=activity.clock(),
+                                        waiting=connections_waiting_to_be_accepted)
+            logger.info(f"SIGTERM: drained ({'quiet' if quiet else f'limit of {drain_limit_s:.0f} s reached'}); "
+                        "shutting down")
+        except Exception:
+            logger.exception("SIGTERM: the drain failed; shutting down now")
+        finally:  # whatever happened above, the worker must still stop
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                os._exit(0)
 
     def handler(signum, frame) -> None:
         if readiness.stopping:  # a second SIGTERM: no more waiting
@@ -231,6 +253,7 @@ def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_l
                 previous(signum, frame)
             return
         readiness.mark_stopping()
+        activity.draining = True
         threading.Thread(target=shut_down, args=(signum, frame), name="ctt-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)

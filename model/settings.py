@@ -124,7 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(1, 100_000)),
     Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
     Setting("CTT_SHUTDOWN_DRAIN_S", "shutdown_drain_s", "20",
-            "after SIGTERM, keep answering until the API is quiet for 1 s, at most this long (keep it "
+            "after SIGTERM, keep answering (each answer closing its connection) until the API has been quiet "
+            "for 1 s since SIGTERM and no connection waits to be accepted, at most this long (keep it "
             "below the pod's termination grace period minus its preStop sleep)", _whole(0, 600)),
     Setting("CTT_LOAD_ATTEMPTS", "load_attempts", "5",
             "model load attempts (backoff 1, 2, 4 … s) before liveness fails and the pod restarts",

@@ -313,6 +313,30 @@ def test_the_drain_counts_connections_no_worker_has_accepted_and_quiet_starts_at
     assert now[0] >= 501.0 and waiting[0] == 0
 
 
+def test_while_draining_every_answer_closes_its_connection():
+    from model.lifecycle import Activity, ActivityMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def answer(activity, path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await ActivityMiddleware(app, activity, frozenset({"/classify"}))({"type": "http", "path": path}, None, send)
+        return sent[0]["headers"]
+
+    activity = Activity()
+    assert asyncio.run(answer(activity, "/classify")) == [(b"connection", b"keep-alive")]
+    activity.draining = True
+    for path in ("/classify", "/readyz"):
+        assert asyncio.run(answer(activity, path)) == [(b"connection", b"close")]
+    assert activity.in_flight == 0
+
+
 def test_sigterm_answers_requests_still_waiting_to_be_accepted(model_name):
     """The worst moment on a busy machine: the requests sit in the listening socket's accept queue,
     read by no worker yet, when SIGTERM arrives. Frozen workers (SIGSTOP) make that moment certain:
