@@ -153,6 +153,7 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
     _say(settings, f"epoch 0 (the probe): held-out accuracy {best.accuracy:.4f}, "
                    f"loss {best.loss:.4f} (calibrated {best.calibrated_loss:.4f})")
     keep_last = settings.select_on == "last"
+    logits = probe_logits
     for epoch in range(1, settings.epochs + 1):
         _train_one_epoch(model, module, optimiser, scheduler, list(batches(fit, settings.batch_size, generator)),
                          label_index, vectors, f"epoch {epoch}/{settings.epochs}", settings)
