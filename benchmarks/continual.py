@@ -34,6 +34,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -273,7 +274,7 @@ def cache_baseline(key: str, result: dict) -> None:
     from filelock import FileLock
 
     RESULTS.mkdir(exist_ok=True)
-    with FileLock(str(BASELINE_CACHE) + ".lock"):
+    with FileLock(str(Path(tempfile.gettempdir()) / "ctt-continual-baselines.lock")):
         try:
             entries = json.loads(BASELINE_CACHE.read_text())
         except (OSError, ValueError):
@@ -282,6 +283,7 @@ def cache_baseline(key: str, result: dict) -> None:
         with tempfile.NamedTemporaryFile("w", dir=RESULTS, prefix=BASELINE_CACHE.name, suffix=".partial",
                                          delete=False) as file:
             json.dump(entries, file)
+        os.chmod(file.name, 0o644)  # a temporary file is private; the cache is an ordinary result
         Path(file.name).replace(BASELINE_CACHE)
 
 

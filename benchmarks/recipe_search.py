@@ -102,12 +102,13 @@ def summary(runs: list[dict]) -> None:
     for r in runs:
         probe = r["history"][0]["test_accuracy"]
         for rule, chosen in r["picked"].items():
-            by.setdefault(r["recipe"], {}).setdefault(rule, {}).setdefault(r["task"], []).append(
+            recipe_split = f"{r['recipe']}/split {r.get('split_seed', 0)}"
+            by.setdefault(recipe_split, {}).setdefault(rule, {}).setdefault(r["task"], []).append(
                 chosen["test_accuracy"] - probe)
     for recipe_name, rules in by.items():
         for rule, tasks in rules.items():
             means = {task: 100 * sum(v) / len(v) for task, v in tasks.items()}
-            print(f"{recipe_name:12s} {rule:15s} mean over tasks {sum(means.values()) / len(means):+5.2f}  "
+            print(f"{recipe_name:20s} {rule:15s} mean over tasks {sum(means.values()) / len(means):+5.2f}  "
                   + "  ".join(f"{task} {m:+.1f} (n={len(tasks[task])})" for task, m in means.items()))
 
 
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--mixes", type=float, nargs="*", default=[],
                         help="also score weight-space mixes of the last epoch with the probe at these alphas")
     parser.add_argument("--out", default=str(RESULTS / "continual-recipe.json"))
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="which split of the corpora into train and test documents (the continual benchmark uses 0)")
     parser.add_argument("--summary", action="store_true", help="print the saved runs' summary, run nothing")
     args = parser.parse_args()
     if args.summary:
@@ -130,13 +133,14 @@ def main() -> None:
         return
 
     model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
-    tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
+    tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit, seed=args.split_seed)
     out = Path(args.out)
     results = json.loads(out.read_text())["runs"] if out.exists() else []
     runs = [(seed, name, recipe_name) for seed in args.seeds for name in tasks for recipe_name in args.recipes]
     for seed, name, recipe_name in runs:
         result = run(model, name, *tasks[name], recipe_name, seed, args.epochs, args.mixes)
         result["max_length"] = args.max_length
+        result["split_seed"] = args.split_seed
         results.append(result)
         curve = " ".join(f"{r['test_accuracy']:.3f}" for r in result["history"])
         mixes = " ".join(f"a{m['alpha']:g} {m['test_accuracy']:.3f}" for m in result["mixes"])
