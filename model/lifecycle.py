@@ -223,8 +223,8 @@ QUIET_BEFORE_SHUTDOWN_S = 1.0
 def drain_then_shut_down(readiness: ServerReadiness, activity: Activity, drain_limit_s: float) -> None:
     """On SIGTERM: not Ready at once, keep serving until the public API has been quiet for a
     moment since SIGTERM and no connection waits to be accepted (requests still reaching the pod
-    while endpoints update, and requests already sent but not yet read, are answered), then hand over to uvicorn's graceful shutdown, which stops
-    accepting and finishes what it holds. Without the drain, uvicorn closes connections whose
+    while endpoints update, and requests already sent but not yet read, are answered), then hand
+    over to uvicorn's graceful shutdown, which stops accepting and finishes what it holds. Without the drain, uvicorn closes connections whose
     request it has not read yet, and their clients see a connection error instead of an answer."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers belong to the main thread; an in-process test client has none
