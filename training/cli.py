@@ -227,10 +227,12 @@ def cmd_import(args) -> int:
         if not Path(folder).is_dir():
             raise CTTError(f"--allow-backbone {folder}: not a folder")
         allowed.append(str(Path(folder).resolve()))
+    if args.max_members is not None and args.max_members < 1:
+        raise CTTError(f"--max-members {args.max_members}: must be at least 1")
     limits = ImportLimits(
-        max_bytes=parse_size(args.max_bytes, "--max-bytes") if args.max_bytes else DEFAULT_LIMITS.max_bytes,
+        max_bytes=parse_size(args.max_bytes, "--max-bytes") if args.max_bytes is not None else DEFAULT_LIMITS.max_bytes,
         max_members=args.max_members if args.max_members is not None else DEFAULT_LIMITS.max_members,
-        max_member_bytes=(parse_size(args.max_member_bytes, "--max-member-bytes") if args.max_member_bytes
+        max_member_bytes=(parse_size(args.max_member_bytes, "--max-member-bytes") if args.max_member_bytes is not None
                           else DEFAULT_LIMITS.max_member_bytes),
         allowed_backbones=tuple(allowed))
     for tag, outcome in import_backup(args.source, args.sha256, limits):
