@@ -27,9 +27,9 @@ from transformers.utils import logging as transformers_logging
 
 from model.errors import CTTError
 from model.integrity import sha256_file
+from model.registry import KNOWN_BACKBONES
 
 DEFAULT_BACKBONE = "minilm"
-KNOWN_BACKBONES = ("minilm", "micro")
 
 # sentence-transformers/all-MiniLM-L6-v2 at revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41:
 # the package is a third-party repackaging, so its files must match the upstream digests.

@@ -425,15 +425,17 @@ def import_backup(source: str | Path, expected_sha256: str | None = None,
 def backbone_problem(folder: Path, allowed_folders: tuple[str, ...]) -> str | None:
     """Why the version in ``folder`` may not land: a backbone the project does not know, or a
     digest other than the published one; None when it may."""
-    from model.backbone import KNOWN_BACKBONES, MINILM_PINNED_SHA256
-    from model.registry import read_config
+    from model.registry import KNOWN_BACKBONES, read_config
 
     backbone = read_config(folder).get("backbone")
     spec = backbone.get("spec") if isinstance(backbone, dict) else None
     if not isinstance(spec, str):
         return "records no backbone"
-    if spec == "minilm" and backbone.get("digest") != MINILM_PINNED_SHA256["model.safetensors"]:
-        return "records a MiniLM backbone whose digest is not the published one"
+    if spec == "minilm":
+        from model.backbone import MINILM_PINNED_SHA256
+
+        if backbone.get("digest") != MINILM_PINNED_SHA256["model.safetensors"]:
+            return "records a MiniLM backbone whose digest is not the published one"
     allowed = {os.path.normpath(str(Path(f).absolute())) for f in allowed_folders} | \
         {str(Path(f).resolve()) for f in allowed_folders}
     if spec in KNOWN_BACKBONES or (os.path.isabs(spec) and os.path.normpath(spec) in allowed):

@@ -98,7 +98,9 @@ def _check_backbone(spec: str | None) -> None:
     """Before the store is touched: a known backbone or an existing local folder."""
     from model.tags import shown
 
-    if spec is not None and spec not in ("minilm", "micro") and not Path(spec).expanduser().is_dir():
+    from model.registry import KNOWN_BACKBONES
+
+    if spec is not None and spec not in KNOWN_BACKBONES and not Path(spec).expanduser().is_dir():
         raise CTTError(f"--backbone {shown(spec)}: use minilm, micro or a local model folder (nothing is downloaded)")
 
 
@@ -225,7 +227,7 @@ def cmd_import(args) -> int:
     allowed = []
     for folder in args.allow_backbone or []:
         if not Path(folder).is_dir():
-            raise CTTError(f"--allow-backbone {folder}: not a folder")
+            raise CTTError(f"--allow-backbone {folder}: not a folder")  # path_arg made it printable
         allowed.append(str(Path(folder).resolve()))
     if args.max_members is not None and args.max_members < 1:
         raise CTTError(f"--max-members {args.max_members}: must be at least 1")
@@ -241,9 +243,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from model.store import STAGES, read_stages, rollback_stage, set_stage, stage_version
-
-    from model.store.stages import check_stage
+    from model.store import STAGES, check_stage, read_stages, rollback_stage, set_stage, stage_version
 
     approver = os.environ.get("USER")  # recorded in the stage history
     if args.stage is not None:

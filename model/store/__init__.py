@@ -33,7 +33,7 @@ from model.store.lock import store_lock
 from model.store.repair import (
     Deletion, RepairPlan, delete_version, deletion_plan, repair_plan, repair_store, store_problems,
 )
-from model.store.stages import STAGES, read_stages, rollback_stage, set_stage, stage_version, stages_of
+from model.store.stages import STAGES, check_stage, read_stages, rollback_stage, set_stage, stage_version, stages_of
 from model.store.versions import (
     StoreWriteFailed, Version, commit_version, find_version, get_version, has_versions, list_versions,
     present_versions, read_metrics, read_record, read_version, register_version, resolve_name, task_summaries,
@@ -41,6 +41,7 @@ from model.store.versions import (
 
 __all__ = [
     "Deletion", "EVAL_DIR", "KILL_HOOK_VARIABLE", "METRICS_FILE", "RepairPlan", "STAGES", "STAGING_DIR", "STATE_DIR",
+    "check_stage",
     "StoreWriteFailed", "Version", "checkpoint", "commit_version", "delete_version", "deletion_plan",
     "find_version", "get_version", "has_versions", "list_versions", "model_name", "models_dir",
     "present_versions", "read_history", "read_metrics", "read_record", "read_stages", "read_version", "record",
