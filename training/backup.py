@@ -488,8 +488,10 @@ def _import_one(archive: Path, entry: dict, budget: _Budget, scratch: Path, limi
                 os.rename(version_folder, staged)
                 shutil.rmtree(work)
             checkpoint("import-verified")
-            commit_version(staged, entry["tag"], entry["manifest_sha256"], entry.get("parent"),
-                           list(entry.get("lineage") or []), "imported")
+            interrupted = commit_version(staged, entry["tag"], entry["manifest_sha256"], entry.get("parent"),
+                                         list(entry.get("lineage") or []), "imported")
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted; {entry['tag']} had already been imported and is complete")
         except OSError as exc:
             raise CTTError(f"could not import {entry['tag']}: {exc.strerror}; it was not imported") from None
         finally:

@@ -192,9 +192,13 @@ def repair_store() -> list[str]:
             known = next((e for e in ledger_entries(name) if e["tag"] == version.tag), None)
             staged = staging_dir() / staging_name(name, "restoring")
             os.rename(leftover, staged)
-            commit_version(staged, version.tag, version.digest, version.parent,
-                           known.get("lineage") if known else None, known.get("how", "restored") if known else "restored")
+            interrupted = commit_version(staged, version.tag, version.digest, version.parent,
+                                         known.get("lineage") if known else None,
+                                         known.get("how", "restored") if known else "restored")
             done.append(f"put {version.tag} back into the store")
+            if interrupted:
+                record("repair", model=name, done=done)
+                raise KeyboardInterrupt(f"interrupted; {version.tag} had already been put back")
         for leftover in plan.remove:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)

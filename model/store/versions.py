@@ -246,8 +246,12 @@ def write_latest(name: str) -> None:
             write_atomically(latest, newest.partition(":")[2])
         return
     latest.unlink(missing_ok=True)
+    _remove_if_empty(name_dir(name))
+
+
+def _remove_if_empty(folder: Path) -> None:
     try:
-        name_dir(name).rmdir()
+        folder.rmdir()
     except OSError:  # not empty (stray folders stay for 'ctt verify' to report) or already gone
         pass
 
@@ -284,8 +288,8 @@ def _commit(staged: Path, entry: dict) -> list:
     old_latest = latest.read_text() if latest.is_file() else None
     prepared: list[Path] = []
     done: list[str] = []
+    created = not name_dir(name).is_dir()
     try:
-        created = not name_dir(name).is_dir()
         name_dir(name).mkdir(parents=True, exist_ok=True)
         if created:
             fsync_path(models_dir())
@@ -309,6 +313,8 @@ def _commit(staged: Path, entry: dict) -> list:
             fsync_path(final.parent)
     except OSError as exc:
         _undo(entry["tag"], staged, final, done, before, old_latest)
+        if created:
+            _remove_if_empty(name_dir(name))
         raise StoreWriteFailed(f"could not register {entry['tag']}: {describe(exc)}; nothing was registered "
                                "and the store is as it was") from None
     except BaseException:
