@@ -271,45 +271,48 @@ def test_a_learn_that_fails_to_write_exits_1_with_one_line(capsys, restored, mon
     assert store.store_problems() == []
 
 
-FULL_DISK_LEARNS = """
-import os, sys
-from training.cli import main
-argv = sys.argv[1:]
-first = main(argv)
-print(f"first exit {first}", file=sys.stderr, flush=True)
-os.unlink(os.environ["FILLER"])
-print(f"retry exit {main(argv)}", file=sys.stderr, flush=True)
-"""
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
-def test_a_real_full_disk_during_learn_registers_nothing_and_a_retry_registers_once(tmp_path):
-    """ctt learn with its BentoML home on a 3 MiB tmpfs with 24 KiB left (a micro version takes about
-    48), then again once the space is back: one process, so torch is imported once."""
+def test_a_real_full_disk_at_any_point_registers_nothing_and_a_retry_registers_once(restored, monkeypatch, tmp_path):
+    """Registrations into a store on a 3 MiB tmpfs left with less space than a version takes, 4 KiB
+    more each time: each runs out at another step, and each leaves the store exactly as it was."""
     mount = tmp_path / "home"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("this machine does not let root mount a tmpfs")
     try:
-        filler = mount / "filler"
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        filler.write_bytes(b"\0" * (free - 24 * 1024))
-        train = write_jsonl(tmp_path / "t.jsonl", [(t, "sport") for t in SPORT] + [(t, "money") for t in MONEY])
-        result = subprocess.run(
-            [sys.executable, "-c", FULL_DISK_LEARNS, "learn", "--task", "topic", "--train", str(train), "--backbone",
-             "micro", "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-            env={**os.environ, "BENTOML_HOME": str(mount), "CTT_MODEL_NAME": "ctt", "PYTHONPATH": str(ROOT),
-                 "FILLER": str(filler)})
-        first, _, retry = result.stderr.partition("first exit 1\n")
-        assert retry.strip().endswith("retry exit 0"), result.stderr
-        error = one_error_line(first)
-        assert "No space left on device" in error and "nothing was registered" in error
-        models = mount / "models" / "ctt"
-        versions = [p.name for p in models.iterdir() if p.is_dir()]
-        assert len(versions) == 1 and (models / "latest").read_text() == versions[0]
-        assert result.stdout.strip() == f"ctt:{versions[0]}"  # the retry's tag; the failed run printed none
-        assert [p for p in mount.rglob("*") if p.name.endswith(".tmp")] == []
-        assert not any((mount / "ctt-staging").glob("*"))
+        parent = store.get_version(restored["b"])
+        model = parent.load()
+        (mount / "models").mkdir()
+        monkeypatch.setattr("model.bentoml_internals.model_store_dir", lambda: mount / "models")  # the tmpfs store
+
+        def register():
+            return store.register_version(model, eval_sets=[parent.eval_set(0), parent.eval_set(1)],
+                                          metadata={"parent": parent.tag}, labels={"stage": "development"})
+
+        def state():
+            return sorted((str(p.relative_to(mount)), p.read_bytes() if p.is_file() else None)
+                          for p in mount.rglob("*") if p.name != "filler")
+
+        def free() -> int:
+            return os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+
+        space = free()
+        first = register()
+        needed_kib = (space - free()) // 1024
+        before = state()
+        assert needed_kib >= 12
+        for free_kib in range(0, needed_kib, 4):
+            filler = mount / "filler"
+            filler.unlink(missing_ok=True)
+            filler.write_bytes(b"\0" * (free() - free_kib * 1024))
+            with pytest.raises(store.StoreWriteFailed, match="No space left on device.*nothing was registered"):
+                register()
+            assert state() == before, free_kib
+        (mount / "filler").unlink()
+        retried = register()
+        assert [v.tag for v in store.list_versions()] == [retried.tag, first.tag]
+        assert (mount / "models" / restored["name"] / "latest").read_text() == retried.version
+        assert store.store_problems() == []
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

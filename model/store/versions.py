@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,13 +423,20 @@ def register_version(
     return find_version(TagRef(name, info.tag.version), exact=True)
 
 
+# safetensors reports a failed write as its own exception type, with the OS error in the text:
+# "Error while serializing: I/O error: No space left on device (os error 28)".
+_SAFETENSORS_OS_ERROR = re.compile(r"I/O error: (.*?) \(os error \d+\)")
+
+
 def _is_write_error(exc: BaseException) -> bool:
-    # safetensors reports a failed write as its own exception type, with the OS error in the text.
-    return type(exc).__name__ == "SafetensorError" and "Io" in str(exc)
+    return type(exc).__name__ == "SafetensorError" and bool(_SAFETENSORS_OS_ERROR.search(str(exc)))
 
 
 def _reason(exc: BaseException) -> str:
-    return describe(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0][:200]
+    if isinstance(exc, OSError):
+        return describe(exc)
+    match = _SAFETENSORS_OS_ERROR.search(str(exc))
+    return match.group(1) if match else str(exc).splitlines()[0][:200]
 
 
 def resolve_name(tag: str, what: str) -> TagRef:
