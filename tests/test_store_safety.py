@@ -230,6 +230,22 @@ def test_delete_and_repair_say_what_they_would_do_and_act_only_with_yes(capsys, 
     assert record["by"] and record["at"] and record["files"] > 0
 
 
+def test_repair_puts_back_a_registered_version_a_killed_deletion_left_in_staging(capsys, restored):
+    """A deletion killed between moving the version out and updating the ledger: the leftover is a
+    complete, registered version, which repair restores in its place instead of removing it."""
+    a, b = restored["a"], restored["b"]
+    assert run(capsys, "stage", "set", a, "production")[0] == 0
+    leftover = store.staging_dir() / f"{restored['name']}@deleted-12345678"
+    os.rename(store.get_version(a).path, leftover)
+    assert [v.tag for v in store.list_versions()] == [b]
+    code, out, _ = run(capsys, "verify")
+    assert code == 1 and f"leftover of an interrupted run: {leftover}; 'ctt verify --repair' puts it back" in out
+    code, _, err = run(capsys, "verify", "--repair", "--yes")
+    assert code == 0 and f"put {a} back into the store" in err, err
+    assert [v.tag for v in store.list_versions()] == [b, a] and newest_everywhere() == {b}
+    assert store.stage_version("production").tag == a and not leftover.exists()
+
+
 # ----- failures while writing ------------------------------------------------------------------
 WRITE_STEPS = ["staging-created", "files-written", "manifest-written", "synced", "prepared", "ledger-written",
                "renamed", "latest-written"]
