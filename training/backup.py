@@ -96,14 +96,17 @@ class _Budget:
     def __init__(self, limits: ImportLimits):
         self.limits, self.bytes, self.members = limits, 0, 0
 
-    def member(self, where: str, name: str, size: int) -> None:
+    def member(self, where: str, name: str, size: int, counted: bool = False) -> None:
+        """One more member of ``size`` bytes; ``counted`` when its bytes were spent already (a
+        version's members come out of its decompressed stream, which is spent as it is read)."""
         self.members += 1
         if self.members > self.limits.max_members:
             raise ImportRefused(f"{where}: more than {self.limits.max_members} members in all (--max-members)")
         if size > self.limits.max_member_bytes:
             raise ImportRefused(f"{where}: member {shown(name)} has {size} bytes, more than "
                                 f"{self.limits.max_member_bytes} (--max-member-bytes)")
-        self.spend(where, size)
+        if not counted:
+            self.spend(where, size)
 
     def spend(self, where: str, size: int) -> None:
         self.bytes += size
@@ -319,7 +322,7 @@ def _unpack_version(archive: Path, into: Path, budget: _Budget, scratch: Path) -
                 if member.issparse() or not (member.isreg() or member.isdir()):
                     raise ImportRefused(f"{where}: member {shown(member.name)} is a link, a device or a sparse "
                                         "file; a version holds plain files only")
-                budget.member(where, member.name, member.size if member.isreg() else 0)
+                budget.member(where, member.name, member.size if member.isreg() else 0, counted=True)
                 if relative is None:
                     continue
                 target = into / relative
