@@ -16,7 +16,7 @@ import yaml
 
 from deploy.render import RULES_FILE, RULES_TEST_FILE, overlay_dir, release_objects, render
 from deploy.spec import COLORS, ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS, ColorPlan
-from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
+from model.serving.routes import INTERNAL_PATHS, PUBLIC_API_PATHS
 from model.settings import RUNTIME_SETTINGS, SECRET_SETTINGS, Settings
 from tests.serving import PROJECT
 
@@ -117,8 +117,8 @@ def test_alerts_use_metrics_the_service_exports(rendered):
     expressions = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])
     for metric in re.findall(r"(bentoml_service_\w+|ctt_\w+)", expressions):
         assert metric.startswith(("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "ctt_")), metric
-    # The series are defined in model/serving.py and, for feedback, model/feedback/api.py.
-    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving.py", "feedback/api.py"))
+    # The series are defined in model/serving/metrics.py and, for feedback, model/feedback/api.py.
+    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving/metrics.py", "feedback/api.py"))
     board = next(c for c in by_kind(rendered["production"], "ConfigMap") if c["metadata"]["name"] == "ctt-dashboard")
     dashboard = json.loads(board["data"]["ctt-dashboard.json"])
     for panel in dashboard["panels"]:
