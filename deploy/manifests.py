@@ -231,15 +231,24 @@ def service_monitor(spec: EnvironmentSpec | None = None) -> dict:
                      "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}]}}
 
 
+# One key per client, each with only the permissions it needs (model/serving/auth.py).
+EXAMPLE_API_KEYS = ("<web-frontend-secret> id=web-frontend permissions=classify\n"
+                    "<corrections-secret> id=corrections permissions=classify,feedback\n"
+                    "<reviewers-secret> id=reviewers permissions=classify,feedback,review\n")
+
+
 def secret_example(spec: EnvironmentSpec) -> dict:
+    values = {filename: f"<{key} for {spec.name}>" for key, filename in SECRET_KEYS.items()}
+    values[SECRET_KEYS["API_KEY"]] = EXAMPLE_API_KEYS
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": SECRET_NAME, "namespace": spec.namespace, "labels": labels()},
-            "stringData": {filename: f"<{key} for {spec.name}>" for key, filename in SECRET_KEYS.items()}}
+            "stringData": values}
 
 
 def create_secret_command(spec: EnvironmentSpec) -> str:
-    literals = " ".join(f"--from-literal={filename}=\"${key}\"" for key, filename in SECRET_KEYS.items())
-    return f"kubectl -n {spec.namespace} create secret generic {SECRET_NAME} {literals}"
+    sources = " ".join(f"--from-file={filename}=./api-keys" if key == "API_KEY"
+                       else f"--from-literal={filename}=\"${key}\"" for key, filename in SECRET_KEYS.items())
+    return f"kubectl -n {spec.namespace} create secret generic {SECRET_NAME} {sources}"
 
 
 def base_objects() -> list[dict]:
