@@ -16,12 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Annotated
+
 import anyio
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
@@ -37,7 +40,7 @@ from model.serving.edges import (AuthMiddleware, BodyLimitMiddleware, ErrorShape
                                  KnownPathsOnly, OpenAPIDocumentMiddleware, RetryAfterMiddleware, complete_openapi)
 from model.serving.lifecycle import (Activity, ActivityMiddleware, RetryingLoader, ServerReadiness, drain_then_shut_down,
                                      raise_open_file_limit)
-from model.serving.logs import configure_json_logging, quiet_client_errors
+from model.serving.logs import OncePer, configure_json_logging, quiet_client_errors
 from model.serving.metrics import Metrics
 from model.serving.routes import (API_METHODS, API_PATHS, CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH,
                                   FORWARD_PASS_PATH, HEALTH_PATH, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH)
@@ -233,7 +236,7 @@ class CTT:
         self.precisions = warm_up_or_fall_back(lambda precisions: self._warm_up(model, precisions),
                                                self.precisions, lambda message: logger.error(message, exc_info=True))
         # One full pass of realistic texts: what a pass costs, before any request is measured.
-        width = settings.max_batch_size
+        width = min(settings.max_batch_size, 32)
         started = time.perf_counter()
         model.predict([WARM_UP_TEXT] * width, [model.task_names[i % len(model.tasks)] for i in range(width)],
                       batch_size=width, precisions=self.precisions)
@@ -313,7 +316,8 @@ class CTT:
 
     @bentoml.api(route=FORWARD_PASS_PATH, batchable=True, max_batch_size=settings.max_batch_size,
                  max_latency_ms=BATCH_LATENCY_BACKSTOP_MS)
-    def forward_pass(self, tickets: list[str]) -> list[PassOutcome]:
+    def forward_pass(self, tickets: Annotated[list[Annotated[str, Field(max_length=64)]],
+                                              Field(max_length=settings.max_items)]) -> list[PassOutcome]:
         """Internal: one forward pass over items of concurrent /classify requests, by the tickets
         /classify issued (any other ticket gets nothing); BentoML's dispatcher merges the calls."""
         return self.forward(self.tickets.redeem(tickets))
@@ -406,7 +410,7 @@ CTT.add_asgi_middleware(OpenAPIDocumentMiddleware,
                         complete=lambda document: complete_openapi(document, CTT.apis, ERROR_STATUSES))
 CTT.add_asgi_middleware(ErrorShapeMiddleware, methods=API_METHODS)
 CTT.add_asgi_middleware(AuthMiddleware, credentials=credentials,
-                        on_unavailable=lambda reason: logger.error(f"credentials unreadable: {reason}"))
+                        on_unavailable=OncePer(60.0, lambda reason: logger.error(f"credentials unreadable: {reason}")))
 CTT.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 CTT.add_asgi_middleware(JSONOnlyMiddleware, paths=frozenset(API_PATHS))
 CTT.add_asgi_middleware(ActivityMiddleware, paths=frozenset(PUBLIC_API_PATHS),

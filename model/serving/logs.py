@@ -70,6 +70,23 @@ def configure_json_logging(settings: Settings) -> None:
 
 
 
+class OncePer:
+    """Calls ``log(message)`` at most once every ``seconds``: a fault every request meets (keys that
+    cannot be read) is one line a minute, not one per request."""
+
+    def __init__(self, seconds: float, log, clock=time.monotonic):
+        self.seconds = seconds
+        self.log = log
+        self.clock = clock
+        self._last = -float("inf")
+
+    def __call__(self, message: str) -> None:
+        now = self.clock()
+        if now - self._last >= self.seconds:
+            self._last = now
+            self.log(message)
+
+
 def client_error_or_shedding(exc: BaseException | None) -> bool:
     """A pydantic validation error (a client's body), or one of BentoML's exceptions that is a 4xx
     or a 503 (its batching dispatcher shedding)."""
