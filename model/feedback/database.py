@@ -131,6 +131,8 @@ class FeedbackDatabase:
         self.url = url
         self.timeout_s = timeout_s
         self.attempts = attempts
+        # The pool's connections and as many again in overflow: how many calls can use it at once.
+        self.max_connections = 2 * pool_size
         self.engine = self._engine(url, timeout_s, pool_size)
         self._migrated = False
         self._migrate_lock = threading.Lock()
@@ -145,7 +147,7 @@ class FeedbackDatabase:
             path = Path(make_url(url).database)
             path.parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(url, connect_args={"timeout": timeout_s}, pool_pre_ping=True,
-                                   pool_size=pool_size, pool_timeout=timeout_s)
+                                   pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_s)
 
             @event.listens_for(engine, "connect")
             def _durable_and_concurrent(dbapi_connection, _record):
