@@ -41,7 +41,11 @@ def cmd_release(args) -> int:
     from deploy.release import release
     from deploy.spec import check_image
 
-    check_image(args.env, args.image)  # before any cluster call: a tag is refused even with no cluster
+    from model.tags import exact_tag
+
+    # Before any cluster call: a malformed image or model tag is refused even with no cluster.
+    check_image(args.env, args.image)
+    exact_tag(args.model_tag, "--model-tag")
     print(release(connect(args.env, args.context), args.env, args.image, args.model_tag, _options(args), _log))
     return 0
 
@@ -97,7 +101,7 @@ def add_deploy_parser(sub) -> None:
     p = commands.add_parser("release", help="image -> idle colour, check it, switch, check, bake; switch back on failure")
     environment(p)
     p.add_argument("--image", required=True, help="image reference; production takes name@sha256:<digest> only")
-    p.add_argument("--model-tag", required=True, help="the model version the image serves; /model must report it")
+    p.add_argument("--model-tag", required=True, help="the model version the image serves, NAME:VERSION; /model must report it")
     checked(p)
     p.set_defaults(run=cmd_release)
 

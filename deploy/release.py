@@ -31,6 +31,7 @@ from deploy.cluster import Cluster, ClusterError, ColorState, RecordConflict
 from deploy.render import environment, release_objects
 from deploy.spec import COLORS, LIVE_SERVICE, PREVIEW_SERVICE, Color, ColorPlan, check_image, other
 from model.errors import CTTError
+from model.tags import exact_tag
 
 # How many known good releases the record keeps: rollback walks back through them.
 KNOWN_GOOD_KEPT = 10
@@ -289,8 +290,7 @@ def _deliver(cluster: Cluster, env: str, image: str, model_tag: str, options: Re
 
 def release(cluster: Cluster, env: str, image: str, model_tag: str, options: ReleaseOptions, log: Log) -> str:
     check_image(env, image)
-    if not model_tag.strip():
-        raise CTTError("--model-tag must name the model version the image serves (e.g. ctt:abc123)")
+    exact_tag(model_tag, "--model-tag")  # NAME:VERSION, as /model reports it
     with release_lock(cluster, env, options, log):
         color, summary = _deliver(cluster, env, image, model_tag, options, log,
                                   checks.INTEGRATION_CHECKS, repair=True)
@@ -304,16 +304,26 @@ def release(cluster: Cluster, env: str, image: str, model_tag: str, options: Rel
     return f"{env}: {model_tag} ({image}) is live on {color}; bake: {summary}"
 
 
+def _same(a: dict, b: dict) -> bool:
+    return a["image"] == b["image"] and a["model_tag"] == b["model_tag"]
+
+
 def rollback(cluster: Cluster, env: str, options: ReleaseOptions, log: Log) -> str:
     """Back to the known good release before the live one (or to the last known good, if what is
-    live never completed a release). Never to an image no release completed."""
+    live never completed a release), through the same checks as a release. Only a completed
+    rollback changes the known good releases (it forgets the one it left); a failed one changes
+    nothing. A rollback that died after its switch is finished by the next one, never reversed."""
     with release_lock(cluster, env, options, log):
-        known = known_good(cluster)
+        record = cluster.read_record()[0]
+        known = record.get("known_good", [])
         if not known:
             raise CTTError(f"no release of {env} has completed yet: nothing to roll back to")
         live = cluster.live_color()
         live_image = cluster.colors()[live].image if live else None
-        if live_image == known[0]["image"]:
+        pending = record.get("rollback")
+        if pending and live_image == pending["to"]["image"] and _same(known[0], pending["from"]):
+            goal, dropped = pending["to"], pending["from"]
+        elif live_image == known[0]["image"]:
             if len(known) < 2:
                 raise CTTError(f"{env} runs its only known good release ({known[0]['model_tag']}, "
                                f"{known[0]['image']}): nothing earlier to roll back to")
@@ -321,12 +331,23 @@ def rollback(cluster: Cluster, env: str, options: ReleaseOptions, log: Log) -> s
         else:
             goal, dropped = known[0], None
         log(f"{env}: rolling back to {goal['model_tag']} ({goal['image']})")
-        if dropped:
-            # The release rolled back from stops being "known good" first, so a re-run after a
-            # failure here continues towards the same goal instead of restoring it.
-            _update_record(cluster, lambda record: {**record, "known_good": record["known_good"][1:]})
-        color, summary = _deliver(cluster, env, goal["image"], goal["model_tag"], options, log, checks.SMOKE_CHECKS,
-                                  repair=False)
+        # What is under way, so that a re-run after a kill continues towards the same goal.
+        _update_record(cluster, lambda r: {**r, "rollback": {"from": dropped, "to": goal} if dropped else None})
+        try:
+            color, summary = _deliver(cluster, env, goal["image"], goal["model_tag"], options, log,
+                                      checks.SMOKE_CHECKS, repair=False)
+        except BaseException:
+            try:
+                _update_record(cluster, lambda r: {**r, "rollback": None})
+            except ClusterError as problem:
+                log(f"could not clear the rollback under way from the release record ({problem})")
+            raise
+
+        def completed(r: dict) -> dict:
+            kept = [k for k in r.get("known_good", []) if not (dropped and _same(k, dropped))]
+            return {**r, "known_good": kept, "rollback": None}
+
+        _update_record(cluster, completed)
     return f"{env}: rolled back to {goal['model_tag']} ({goal['image']}) on {color}; bake: {summary}"
 
 

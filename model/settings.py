@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 from model.errors import CTTError
 from model.precision import MAX_ACCURACY_LOSS, PRECISIONS
+from model.tags import check_model_name
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
 # Outside these, the service refuses to start without credentials (it fails closed).
@@ -177,7 +178,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CTT_FEEDBACK_RETENTION_DAYS", "feedback_retention_days", "90",
             "`ctt feedback prune` deletes feedback older than this by default (rows hold users' text)",
             _whole(1, 36500)),
-    Setting("CTT_MODEL_NAME", "model_name", "ctt", "model name in the BentoML store", scope="build"),
+    Setting("CTT_MODEL_NAME", "model_name", "ctt", "model name in the BentoML store", check_model_name,
+            scope="build"),
     Setting("CTT_MODEL_TAG", "model_tag", None,
             "version to serve (default: newest); `bentoml build` pins it into the bento", _optional_text,
             scope="build"),

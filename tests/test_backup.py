@@ -144,7 +144,7 @@ def test_a_damaged_or_wrong_backup_is_refused(capsys, three_versions, tmp_path):
     code, _, err = run(capsys, "import", str(archive))
     assert code == 2 and "different contents" in err and "eval_sets/0.jsonl" in err
     # ... until the damaged copy is deleted: then the backup restores it.
-    assert run(capsys, "models", "delete", "--force", three_versions[0])[0] == 0
+    assert run(capsys, "models", "delete", "--force", "--yes", three_versions[0])[0] == 0
     assert run(capsys, "import", str(archive))[0] == 0
     assert store.get_version(three_versions[0]).verify() == version.digest
 
@@ -164,7 +164,8 @@ def test_exporting_a_tampered_version_is_refused(capsys, three_versions, tmp_pat
     (["export", "--all", "--out", "x.tar"], "no versions to export"),
     (["export", "--all", "--out", "no/such/folder/x.tar"], "is not a folder"),
     (["import", "."], "has no ctt-backup.json"),
-    (["import", "x.tar", "--sha256", "abc"], "no such backup"),
+    (["import", "x.tar", "--sha256", "0" * 64], "no such backup"),
+    (["import", "x.tar", "--sha256", "abc"], "give the 64 hexadecimal digits"),
 ])
 def test_operator_mistakes_with_backups_are_one_line(capsys, empty_store, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -191,5 +192,5 @@ def test_a_kill_during_import_leaves_no_partial_version(three_versions, tmp_path
     assert store.list_versions() == []
     code, out, _ = run(capsys, "verify")
     assert code == 1 and "leftover" in out
-    run(capsys, "verify", "--repair")
+    run(capsys, "verify", "--repair", "--yes")
     assert run(capsys, "import", str(archive))[0] == 0 and len(store.list_versions()) == 3

@@ -1,13 +1,85 @@
 """What model/bentoml_internals.py relies on in BentoML, checked against the installed BentoML: an
-upgrade that changes any of it fails here, not in a deployment."""
+upgrade that changes any of it fails here, not in a deployment. The store's code imports no private
+BentoML name of its own."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
 
 import bentoml
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from model import bentoml_internals
+from model.tags import PART_MAX_CHARS, part_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE = re.compile(r"^\s*(from|import)\s+(bentoml\._internal|_bentoml_impl|_bentoml_sdk)\b", re.M)
+PROJECT_CODE = ["model", "training", "deploy", "benchmarks", "scripts", "service.py"]
+
+
+def test_the_store_folder_is_the_one_bentoml_uses():
+    assert bentoml_internals.model_store_dir() == Path(os.environ["BENTOML_HOME"]) / "models"
+
+
+def test_a_version_written_with_the_adapter_is_read_back_by_bentoml_unchanged(tmp_path):
+    name = f"ctt-internals-{uuid.uuid4().hex[:8]}"
+    info = bentoml_internals.new_model_info(bentoml.Tag(name).make_new_version(), {"stage": "development"},
+                                            {"parent": "x:y", "tasks": ["a", "b"], "accuracy": {"a": 0.5}})
+    signed = bentoml_internals.model_info_with_metadata(info, {**info.metadata, "manifest_sha256": "0" * 64})
+    assert (signed.tag, signed.creation_time, dict(signed.labels)) == (info.tag, info.creation_time, dict(info.labels))
+    folder = bentoml_internals.model_store_dir() / name / info.tag.version
+    folder.mkdir(parents=True)
+    try:
+        with open(folder / "model.yaml", "w", encoding="utf-8") as stream:
+            bentoml_internals.write_model_info(stream, signed)
+        with open(folder / "model.yaml", encoding="utf-8") as stream:
+            read = bentoml_internals.read_model_info(stream)
+        seen = bentoml.models.get(str(info.tag))  # BentoML's own public reader
+        for model_info in (read, seen.info):
+            assert str(model_info.tag) == str(info.tag) and dict(model_info.labels) == {"stage": "development"}
+            assert dict(model_info.metadata) == {**info.metadata, "manifest_sha256": "0" * 64}
+            assert model_info.creation_time == info.creation_time
+            assert model_info.creation_time.tzinfo is not None and model_info.creation_time <= datetime.now(timezone.utc)
+            assert (model_info.module, model_info.api_version) == ("", "v1")
+    finally:
+        shutil.rmtree(folder.parent)
+
+
+def test_a_malformed_model_yaml_raises_for_the_store_to_report(tmp_path):
+    (tmp_path / "model.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(Exception):
+        with open(tmp_path / "model.yaml", encoding="utf-8") as stream:
+            bentoml_internals.read_model_info(stream)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(part=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-ABC/:", max_size=PART_MAX_CHARS + 2))
+def test_every_tag_part_ctt_accepts_is_one_bentoml_accepts_unchanged(part):
+    if part_problem(part) is not None:
+        return
+    tag = bentoml.Tag(part, part)
+    assert (tag.name, tag.version) == (part, part)
+
+
+def test_no_module_but_the_adapter_imports_a_private_bentoml_name():
+    files = [path for entry in PROJECT_CODE for path in ([ROOT / entry] if entry.endswith(".py")
+                                                          else sorted((ROOT / entry).rglob("*.py")))]
+    assert ROOT / "model" / "store" / "versions.py" in files and ROOT / "training" / "backup.py" in files
+    offenders = [str(path.relative_to(ROOT)) for path in files
+                 if path.name != "bentoml_internals.py" and PRIVATE.search(path.read_text())]
+    assert offenders == []
+
+
+# ----- serving -------------------------------------------------------------------------------
 
 def test_bentoml_builds_a_served_app_with_to_asgi_which_serve_inside_wraps():
     from _bentoml_impl.worker import service as worker

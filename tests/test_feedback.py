@@ -424,10 +424,10 @@ def test_feedback_cli_mistakes_are_one_line(database, monkeypatch, capsys, tmp_p
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, err
-    assert main(["feedback", "prune", "--older-than", "90d"]) == 0
+    assert main(["feedback", "prune", "--older-than", "90d", "--yes"]) == 0
     assert "deleted 0 row(s)" in capsys.readouterr().out
     monkeypatch.setenv("CTT_FEEDBACK_RETENTION_DAYS", "30")
-    assert main(["feedback", "prune"]) == 0  # the retention setting is the default age
+    assert main(["feedback", "prune", "--yes"]) == 0  # the retention setting is the default age
     assert "deleted 0 row(s) older than 30d" in capsys.readouterr().out
     assert main(["feedback", "stats"]) == 0
     assert "topic" in capsys.readouterr().out

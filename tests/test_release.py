@@ -232,3 +232,49 @@ esac
     assert all(line.startswith("--context staging --namespace ctt-staging ") for line in recorded)
     assert "create --filename -" in recorded[2] and "replace --filename -" in recorded[3]
     assert '"app.kubernetes.io/color": "blue"' in recorded[4] and recorded[5].endswith("scale deployment/ctt-blue --replicas=0")
+
+
+def test_a_failed_rollback_then_a_failed_release_leave_the_last_good_release_live(colours, cluster):
+    """Release A, release B, a rollback to A whose bake fails, a release C whose preview fails: the
+    failed rollback once dropped B from the known good releases, and the release after it switched
+    live traffic to A (which had just failed its bake) without any check. B must stay live."""
+    (image_a, tag_a, url_a), (image_b, tag_b, _) = colours["a"], colours["b"]
+    image_c = "ghcr.io/example/ctt@sha256:" + "c3" * 32
+    cluster.image_urls[image_c] = url_a  # serves A's version: its preview fails the model tag check for C
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    release(cluster, "production", image_b, tag_b, options(), Log())
+    with pytest.raises(ReleaseFailed, match="bake: average latency.*switched back to green"):
+        rollback(cluster, "production", options(max_latency_ms=0.001), Log())
+    assert cluster.live() == "green" and known(cluster) == [(image_b, tag_b), (image_a, tag_a)]
+    assert cluster.record.get("rollback") is None
+    cluster.calls.clear()
+    log = Log()
+    with pytest.raises(ReleaseFailed, match=f"model tag: /model reports {tag_a}, expected {tag_b}.*not switched"):
+        release(cluster, "production", image_c, tag_b, options(), log)
+    assert "patch service" not in cluster.calls, log
+    assert cluster.live() == "green" and cluster.image_of("green") == image_b
+    assert known(cluster) == [(image_b, tag_b), (image_a, tag_a)] and cluster.record["lock"] is None
+
+
+def test_a_rollback_killed_after_its_switch_is_finished_by_the_next_one(colours, cluster):
+    (image_a, tag_a, _), (image_b, tag_b, _) = colours["a"], colours["b"]
+    release(cluster, "production", image_a, tag_a, options(), Log())
+    release(cluster, "production", image_b, tag_b, options(), Log())
+    cluster.fail_after("patch service")  # the rollback's switch lands, then the cluster is gone, as if killed
+    with pytest.raises(ReleaseFailed, match="switching back to green failed too"):
+        rollback(cluster, "production", options(live_timeout=1), Log())
+    cluster.reachable()
+    assert cluster.live() == "blue" and cluster.record["rollback"]["to"]["image"] == image_a
+    assert known(cluster) == [(image_b, tag_b), (image_a, tag_a)]  # nothing completed: nothing forgotten
+    unlock(cluster)
+    assert "rolled back to" in rollback(cluster, "production", options(), Log())
+    assert cluster.image_of(cluster.live()) == image_a and known(cluster) == [(image_a, tag_a)]
+
+
+@pytest.mark.parametrize("tag", ["", "ctt:", "ctt:../x", "ctt", "ctt:latest", "ctt:a\nb"])
+def test_a_release_names_its_model_version_exactly(capsys, tag):
+    from training.cli import main
+
+    code = main(["deploy", "release", "--env", "staging", "--image", "ghcr.io/example/ctt:1.0", f"--model-tag={tag}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--model-tag" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ from model.errors import CTTError
 from model.precision import MAX_ACCURACY_LOSS, accuracy_loss, served_precisions
 from training.settings import SELECT_ON, learn_default
 from training.demo import DEMO_TRAIN_LIMIT
+from training.backup import DEFAULT_LIMITS
 
 # Quiet third-party chatter before anything imports them; our own progress goes to stderr.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +22,50 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 def _fraction(value: str) -> float:
     return float(value)
+
+
+PATH_MAX_BYTES = 4096  # Linux's PATH_MAX
+NAME_MAX_BYTES = 255
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control or invisible character escaped: one line, whatever it quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def path_arg(text: str) -> str:
+    """A path an operator typed: refused when empty, too long, or with control, invisible or
+    non-UTF-8 characters (which no command should ever write into a file name or a message)."""
+    from model.tags import shown
+
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"the path {shown(text)} contains control, invisible or non-UTF-8 characters")
+    encoded = text.encode()
+    if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
+        raise argparse.ArgumentTypeError(f"the path {shown(text)} is too long")
+    return text
+
+
+def check_task(name: str) -> str:
+    """A task name, checked in full: model/ctt.py's pattern ends in '$', which lets a trailing
+    newline through ``match``."""
+    from model.ctt import TASK_NAME_PATTERN, check_task_name
+    from model.tags import shown
+
+    check_task_name(name)
+    if not TASK_NAME_PATTERN.fullmatch(name):
+        raise CTTError(f"invalid task name {shown(name)}: use 1-64 letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit")
+    return name
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``ctt: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ctt: error: {one_line(message)} (see '{one_line(self.prog)} --help')\n")
 
 
 def _print_json(document) -> None:
@@ -49,8 +94,21 @@ def precision_report(report) -> dict[str, float]:
             if loss is not None and served[name] != "int8"}
 
 
+def _check_backbone(spec: str | None) -> None:
+    """Before the store is touched: a known backbone or an existing local folder."""
+    from model.tags import shown
+
+    from model.registry import KNOWN_BACKBONES
+
+    if spec is not None and spec not in KNOWN_BACKBONES and not Path(spec).expanduser().is_dir():
+        raise CTTError(f"--backbone {shown(spec)}: use minilm, micro or a local model folder (nothing is downloaded)")
+
+
 def cmd_learn(args) -> int:
     from training.learn import LearnSettings, learn
+
+    check_task(args.task)
+    _check_backbone(args.backbone)
 
     settings = LearnSettings(
         epochs=args.epochs, learning_rate=args.lr, head_learning_rate=args.head_lr, warmup=args.warmup,
@@ -92,10 +150,15 @@ def cmd_learn(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from model.store import delete_version, list_versions, stages_of
+    from model.store import delete_version, deletion_plan, list_versions, stages_of
 
     if getattr(args, "models_command", None) == "delete":
-        print(f"deleted {delete_version(args.tag, force=args.force)}")
+        plan = deletion_plan(args.tag, force=args.force)  # refused or mistyped: nothing is created
+        if not args.yes:
+            print(f"would delete {plan.line()}")
+            print("nothing was deleted: run again with --yes to delete it", file=sys.stderr)
+            return 0
+        print(f"deleted {delete_version(args.tag, force=args.force).tag}")
         return 0
     versions = list_versions()
     if args.json:
@@ -117,20 +180,30 @@ def cmd_models(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from model.store import list_versions, repair_store, store_problems
+    from model.store import list_versions, repair_plan, repair_store, store_problems
 
-    if args.tag and args.all:
+    if args.tag is not None and args.all:
         raise CTTError("give a TAG or --all, not both")
-    if args.repair:
+    if args.yes and not args.repair:
+        raise CTTError("--yes confirms --repair; give both")
+    if args.repair and args.tag is not None:
+        raise CTTError("--repair works on the whole store: leave out TAG")
+    if args.repair and args.yes:
         for line in repair_store():
             print(f"repaired: {line}", file=sys.stderr)
+    elif args.repair:
+        plan = repair_plan()
+        for line in plan.lines():
+            print(f"would {line}", file=sys.stderr)
+        print("nothing was changed: run again with --yes to repair" if plan else "repair: nothing to do",
+              file=sys.stderr)
     problems = store_problems(args.tag, check_all=args.all)
     for problem in problems:
         print(problem)
     if problems:
         print(f"ctt: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    checked = 1 if args.tag else len(list_versions()) if args.all else min(1, len(list_versions()))
+    checked = 1 if args.tag is not None else len(list_versions()) if args.all else min(1, len(list_versions()))
     print(f"ok: {checked} version(s) verified, no leftovers", file=sys.stderr)
     return 0
 
@@ -148,17 +221,33 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from training.backup import import_backup
+    from training.backup import ImportLimits, check_sha256, import_backup, parse_size
 
-    for tag, outcome in import_backup(args.source, args.sha256):
+    check_sha256(args.sha256)
+    allowed = []
+    for folder in args.allow_backbone or []:
+        if not Path(folder).is_dir():
+            raise CTTError(f"--allow-backbone {folder}: not a folder")  # path_arg made it printable
+        allowed.append(str(Path(folder).resolve()))
+    if args.max_members is not None and args.max_members < 1:
+        raise CTTError(f"--max-members {args.max_members}: must be at least 1")
+    limits = ImportLimits(
+        max_bytes=parse_size(args.max_bytes, "--max-bytes") if args.max_bytes is not None else DEFAULT_LIMITS.max_bytes,
+        max_members=args.max_members if args.max_members is not None else DEFAULT_LIMITS.max_members,
+        max_member_bytes=(parse_size(args.max_member_bytes, "--max-member-bytes") if args.max_member_bytes is not None
+                          else DEFAULT_LIMITS.max_member_bytes),
+        allowed_backbones=tuple(allowed))
+    for tag, outcome in import_backup(args.source, args.sha256, limits):
         print(f"{outcome}: {tag}")
     return 0
 
 
 def cmd_stage(args) -> int:
-    from model.store import STAGES, read_stages, rollback_stage, set_stage, stage_version
+    from model.store import STAGES, check_stage, read_stages, rollback_stage, set_stage, stage_version
 
     approver = os.environ.get("USER")  # recorded in the stage history
+    if args.stage is not None:
+        check_stage(args.stage)
     if args.stage_command == "set":
         version = set_stage(args.tag, args.stage, by=approver)
         print(f"{args.stage}: {version.tag}")
@@ -183,8 +272,9 @@ def cmd_evaluate(args) -> int:
     from training.data import label_set, read_labelled
     from training.evaluate import accuracy
 
+    check_task(args.task)
     examples = read_labelled(args.data)
-    version = get_version(args.model)
+    version = get_version(args.model, "--model")
     model = version.load()
     known = model.task(args.task).labels
     unknown = sorted(set(label_set(examples)) - set(known))
@@ -201,9 +291,10 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from model.store import get_version
 
+    check_task(args.task)
     if not args.text.strip():
         raise CTTError("--text is empty")
-    version = get_version(args.model)
+    version = get_version(args.model, "--model")
     prediction = version.load().predict([args.text], [args.task])[0]
     if args.json:
         _print_json({"tag": version.tag, **prediction.__dict__})
@@ -228,15 +319,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_feedback(args) -> int:
-    from training.feedback import export_feedback, open_from_environ, parse_age, parse_since
+    from training.feedback import export_feedback, open_from_environ, parse_since
 
     # Options are checked before the database is opened: a typo costs nothing.
     since = parse_since(args.since) if getattr(args, "since", None) else None
-    if args.feedback_command == "prune" and args.older_than is None:
-        from training.feedback import default_retention
-
-        args.older_than = default_retention()
-    older_than = parse_age(args.older_than) if args.feedback_command == "prune" else None
+    if args.feedback_command == "prune":
+        return _prune(args)
     database = open_from_environ()
     try:
         if args.feedback_command == "export":
@@ -244,8 +332,6 @@ def cmd_feedback(args) -> int:
             print(f"{done['examples']} example(s) of task {args.task!r} from {done['rows']} row(s) "
                   f"(newest label per text, up to id {done['up_to_id']}) in {database.public_url}", file=sys.stderr)
             print(done["out"])
-        elif args.feedback_command == "prune":
-            print(f"deleted {database.prune(older_than)} row(s) older than {args.older_than} from {database.public_url}")
         elif args.feedback_command == "stats":
             from model.feedback.api import stats_document
 
@@ -263,6 +349,43 @@ def cmd_feedback(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    """``ctt feedback prune``: shows the cutoff its age means and how many rows that is; deletes
+    them only with --yes, and with --force as well when the cutoff is less than a day ago."""
+    from datetime import timedelta
+
+    from model.feedback.api import describe_age
+    from model.feedback.database import utc_now
+    from training.feedback import default_retention, open_from_environ, parse_age, prune_before, rows_stored_before
+
+    older_than = args.older_than if args.older_than is not None else default_retention()
+    age = parse_age(older_than)
+    cutoff = utc_now() - age
+    recent = age < timedelta(days=1)
+    if args.yes and recent and not args.force:
+        raise CTTError(f"--older-than {older_than} ({describe_age(age)}) means rows stored before "
+                       f"{cutoff:%Y-%m-%d %H:%M:%S} UTC, less than a day ago: add --force to delete rows that recent "
+                       "('m' is minutes; write 90d for about three months)")
+    database = open_from_environ()
+    try:
+        what = (f"row(s) older than {older_than} ({describe_age(age)}: stored before "
+                f"{cutoff:%Y-%m-%d %H:%M:%S} UTC) from {database.public_url}")
+        if not args.yes:
+            print(f"would delete {rows_stored_before(database, cutoff)} {what}")
+            print("nothing was deleted: run again with --yes to delete them"
+                  + (" (and --force: that is less than a day ago)" if recent else ""), file=sys.stderr)
+            return 0
+        deleted = prune_before(database, cutoff)
+        from model.store import record
+
+        record("feedback-prune", database=database.public_url, older_than=older_than,
+               cutoff=f"{cutoff:%Y-%m-%dT%H:%M:%S}Z", rows=deleted)
+        print(f"deleted {deleted} {what}")
+    finally:
+        database.close()
+    return 0
+
+
 def cmd_data(args) -> int:
     from training.demo import DERIVED_TASKS, export_tasks
 
@@ -274,13 +397,14 @@ def cmd_data(args) -> int:
 
 # ----- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctt", description=__doc__)
+    parser = Parser(prog="ctt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("learn", help="learn a task on top of the latest version and register a new one")
     p.add_argument("--task", required=True, help="task name (re-using a name replaces that task)")
-    p.add_argument("--train", required=True, help="labelled JSONL or CSV file (text, label)")
-    p.add_argument("--eval", help="labelled evaluation file (default: a stratified held-out slice of --train)")
+    p.add_argument("--train", required=True, type=path_arg, help="labelled JSONL or CSV file (text, label)")
+    p.add_argument("--eval", type=path_arg,
+                   help="labelled evaluation file (default: a stratified held-out slice of --train)")
     p.add_argument("--from", dest="from_tag", help="start from this version instead of the latest")
     # Every default comes from LearnSettings (training/settings.py), defined once there.
     p.add_argument("--epochs", type=int, default=learn_default("epochs"), help="at most this many epochs")
@@ -324,28 +448,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_models)
     models_sub = p.add_subparsers(dest="models_command", metavar="[delete]")
-    d = models_sub.add_parser("delete", help="delete a version (refused while a stage or a child uses it)")
-    d.add_argument("tag")
-    d.add_argument("--force", action="store_true", help="delete even a referenced or damaged version")
+    d = models_sub.add_parser("delete", help="delete a version (refused while a stage or a child uses it); "
+                                             "shows what it would delete, and deletes only with --yes")
+    d.add_argument("tag", help="the version, exactly: NAME:VERSION or VERSION")
+    d.add_argument("--force", action="store_true",
+                   help="delete even a referenced, damaged or not registered version")
+    d.add_argument("--yes", action="store_true", help="delete it (without: only show what would be deleted)")
     d.set_defaults(run=cmd_models, json=False)
 
     p = sub.add_parser("verify", help="check versions against their recorded digests without loading them")
     p.add_argument("tag", nargs="?", help="one version (default: the newest, plus store-wide checks)")
     p.add_argument("--all", action="store_true", help="every version")
     p.add_argument("--repair", action="store_true",
-                   help="remove leftovers of interrupted runs and point 'latest' at the newest version")
+                   help="show how to repair the store: remove leftovers of interrupted runs (or put back a "
+                        "complete version one left), forget versions removed around ctt, point 'latest' at the "
+                        "newest version; with --yes, do it")
+    p.add_argument("--yes", action="store_true", help="with --repair: repair (without: only show what it would do)")
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("export", help="back up versions with their lineage to a .tar file or a folder")
     p.add_argument("tags", nargs="*", metavar="TAG", help="versions to export")
     p.add_argument("--range", help="OLDER..NEWER: NEWER and its ancestors back to OLDER")
     p.add_argument("--all", action="store_true", help="every version")
-    p.add_argument("--out", required=True, help="a new .tar file, or a new or empty folder")
+    p.add_argument("--out", required=True, type=path_arg, help="a new .tar file, or a new or empty folder")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("import", help="restore versions from a backup made by 'ctt export'")
-    p.add_argument("source", help="the backup's .tar file or folder")
+    p.add_argument("source", type=path_arg, help="the backup's .tar file or folder")
     p.add_argument("--sha256", help="refuse the backup unless its digest (printed by export) is this")
+    p.add_argument("--max-bytes", help=f"most bytes the import may unpack in all, every archive decompressed "
+                                       f"(default {DEFAULT_LIMITS.max_bytes >> 20}MiB)")
+    p.add_argument("--max-member-bytes", help=f"most bytes of one file in the backup or in a version "
+                                              f"(default {DEFAULT_LIMITS.max_member_bytes >> 20}MiB)")
+    p.add_argument("--max-members", type=int, help=f"most files in all (default {DEFAULT_LIMITS.max_members})")
+    p.add_argument("--allow-backbone", action="append", type=path_arg, metavar="FOLDER",
+                   help="accept versions whose backbone is this local model folder (repeatable); versions "
+                        "naming any other backbone than minilm or micro are refused")
     p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("stage", help="approve versions for staging/production, roll back, show")
@@ -361,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy of one task on a labelled file")
     p.add_argument("--task", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, type=path_arg)
     p.add_argument("--model", help="version tag (default: latest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_evaluate)
@@ -393,9 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True)
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
     f.add_argument("--out", required=True, help="the .jsonl file to write")
-    f = feedback_sub.add_parser("prune", help="delete rows older than an age (they hold users' text)")
-    f.add_argument("--older-than", help="an age: 90d, 12h, 30m, 2w, a bare number is days "
-                                        "(default: CTT_FEEDBACK_RETENTION_DAYS)")
+    f = feedback_sub.add_parser("prune", help="delete rows older than an age (they hold users' text); shows what "
+                                               "it would delete, and deletes only with --yes")
+    f.add_argument("--older-than", help="an age: 90d, 12h, 30m (minutes), 2w, a bare number is days "
+                                        "(default: CTT_FEEDBACK_RETENTION_DAYS); shown back as the time it means")
+    f.add_argument("--yes", action="store_true", help="delete them (without: only show how many and from when)")
+    f.add_argument("--force", action="store_true", help="with --yes: allow a cutoff less than a day ago")
     f = feedback_sub.add_parser("stats", help="rows and agreement with served predictions, per task and source")
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
     f.add_argument("--json", action="store_true")
@@ -407,12 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         return args.run(args)
     except CTTError as exc:
-        print(f"ctt: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"ctt: error: {one_line(str(exc))}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # the machine, not the input: a full disk, a permission, a vanished file
+        where = f" ({one_line(str(exc.filename))})" if exc.filename else ""
+        print(f"ctt: error: {one_line(exc.strerror or str(exc))}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         # The store says which: an interrupt after a version's commit point carries its tag.
         print(f"ctt: {exc.args[0] if exc.args else 'interrupted; nothing was registered'}", file=sys.stderr)

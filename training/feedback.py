@@ -12,7 +12,7 @@ from typing import Mapping
 
 from model.errors import CTTError
 from model.feedback.api import parse_age, parse_since  # noqa: F401  (the CLI's options)
-from model.feedback.database import FeedbackDatabase, data_dir_for, latest_labels, open_database
+from model.feedback.database import FeedbackDatabase, data_dir_for, latest_labels, open_database, utc_now
 from model.settings import SecretSource, setting_value
 from training.data import Example
 
@@ -30,6 +30,16 @@ def open_from_environ(environ: Mapping[str, str] | None = None) -> FeedbackDatab
 def default_retention() -> str:
     """``ctt feedback prune``'s default age: CTT_FEEDBACK_RETENTION_DAYS."""
     return f"{setting_value('CTT_FEEDBACK_RETENTION_DAYS')}d"
+
+
+def rows_stored_before(database: FeedbackDatabase, cutoff: datetime) -> int:
+    """How many rows ``ctt feedback prune`` would delete for ``cutoff`` (a naive UTC time)."""
+    return database.count() - sum(row["rows"] for row in database.stats(since=cutoff))
+
+
+def prune_before(database: FeedbackDatabase, cutoff: datetime) -> int:
+    """Delete the rows stored before ``cutoff`` (the time shown to the operator); returns how many."""
+    return database.prune(utc_now() - cutoff)
 
 
 @dataclass
@@ -81,4 +91,5 @@ def export_feedback(database: FeedbackDatabase, task: str, out: Path, since: dat
             "up_to_id": max((r.id for r in rows), default=None), "out": str(out)}
 
 
-__all__ = ["FeedbackBatch", "export_feedback", "feedback_batch", "open_from_environ", "parse_age", "parse_since"]
+__all__ = ["FeedbackBatch", "export_feedback", "feedback_batch", "open_from_environ", "parse_age", "parse_since",
+           "prune_before", "rows_stored_before"]

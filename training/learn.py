@@ -20,7 +20,8 @@ from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.ctt import ContinualTinyTransformer, Task, check_task_name
 from model.errors import CTTError
 from model.precision import PRECISIONS, REFERENCE_PRECISION
-from model.store import METRICS_FILE, Version, get_version, has_versions, register_version, store_lock
+from model.store import METRICS_FILE, Version, get_version, has_versions, model_name, register_version, store_lock
+from model.tags import parse_tag
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
 from training.evaluate import ContinualMetrics, accuracies_as_served, accuracy, continual_metrics
 from training.recipe import train_task_module
@@ -84,7 +85,7 @@ def _say(settings: LearnSettings, message: str) -> None:
 
 def starting_point(from_tag: str | None, settings: LearnSettings) -> tuple[ContinualTinyTransformer, Version | None]:
     if from_tag or has_versions():
-        parent = get_version(from_tag)
+        parent = get_version(from_tag, "--from")
         model = parent.load(settings.max_tasks)
         if settings.backbone and settings.backbone != model.backbone.info.spec:
             raise CTTError(
@@ -138,6 +139,8 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     settings.validate()
     started = time.perf_counter()
     check_task_name(task_name)
+    if from_tag is not None:  # parsed strictly before the store is touched (its lock file included)
+        parse_tag(from_tag, model_name(), "--from")
 
     # Data: check everything before any expensive step (and before waiting for the store).
     examples = read_training_file(train_path, settings.max_labels)
