@@ -25,6 +25,7 @@ from model.feedback.database import (FeedbackConflict, FeedbackDatabase, Feedbac
                                      FeedbackUnavailable, database_url, is_sqlite, latest_labels, normalise_url,
                                      storable_principal, utc_now)
 from model.feedback.schema import SOURCES, Base
+from tests.conftest import MONEY, SPORT, write_jsonl
 from tests.postgres import PostgresServer, start_postgres
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -219,19 +220,23 @@ def test_stats_read_only_the_counts_never_the_rows(database):
 
 
 BASE_TIME = datetime(2026, 3, 1, 12, 0)
+# Minutes after BASE_TIME, on and around hour and day boundaries, so buckets share rows and
+# deletes cut through them; in any order (clocks go back).
+MOMENTS = st.sampled_from([0, 1, 30, 59, 60, 61, 119, 720, 1439, 1440, 1441, 2000, 2880])
 
 
-@hypothesis.settings(max_examples=25, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(operations=st.lists(st.one_of(
-    st.tuples(st.just("add"), st.integers(0, 72 * 60),  # minutes after BASE_TIME (any order: clocks go back)
+    st.tuples(st.just("add"), MOMENTS,
               st.lists(st.tuples(st.sampled_from([None, "a", "b", "c", "d"]), st.sampled_from(["topic", "q"]),
                                  st.sampled_from(["x", "y"]), st.sampled_from([None, "x", "y"]),
                                  st.sampled_from(SOURCES)), min_size=1, max_size=4),
               st.sampled_from(["key:one", "key:two"]), st.sampled_from([None, "ctt:v1", "ctt:v2"])),
-    st.tuples(st.just("prune"), st.integers(0, 72 * 60)),
-    st.tuples(st.just("purge"), st.sampled_from(["key:one", "key:two"]))), min_size=1, max_size=6),
-    since=st.integers(0, 72 * 60))
+    st.tuples(st.just("prune"), MOMENTS),
+    st.tuples(st.just("purge"), st.sampled_from(["key:one", "key:two"]))), min_size=1, max_size=10),
+    since=MOMENTS)
 def test_stats_stay_exact_through_retries_conflicts_prunes_and_purges(database, operations, since):
+    run = uuid.uuid4().hex[:8]  # ids of this example only: the database outlives it
     for operation in operations:
         if operation[0] == "add":
             _, minutes, rows, principal, tag = operation
@@ -239,7 +244,7 @@ def test_stats_stay_exact_through_retries_conflicts_prunes_and_purges(database, 
             before = database.count()
             try:
                 database.add([FeedbackItem(f"text {label} {task}", task, label, prediction=prediction, source=source,
-                                           id=None if key is None else f"hyp-{key}")
+                                           id=None if key is None else f"{run}-{key}")
                               for key, task, label, prediction, source in rows], model_tag=tag, principal=principal)
             except FeedbackConflict:
                 assert database.count() == before  # all or none
@@ -691,6 +696,9 @@ def test_learn_with_feedback_knows_the_corrected_examples(database, empty_store,
     facts = version.metadata["feedback"]
     assert (facts["rows"], facts["examples"], facts["up_to_id"]) == (12, 6, last_id)
     assert facts["sources"] == {"review": 1, "correction": 5} and "hunter" not in facts["database"]
+    assert (facts["trained_on"], facts["contradictions"]["total"]) == (6, 0)
+    assert facts["by_credential"] == {"(unrecorded)": {"examples": 6, "contradictions": 0,
+                                                       "sources": {"correction": 5, "review": 1}}}
     assert version.record()["feedback"] == facts and "feedback" not in parent.metadata
 
     def known(tag) -> int:
@@ -708,6 +716,88 @@ def test_learn_with_feedback_knows_the_corrected_examples(database, empty_store,
     assert [(e["text"], e["label"]) for e in exported] == CORRECTED
     assert main(["feedback", "export", "--task", "topic", "--since", "2999-01-01", "--out", str(out)]) == 0
     assert out.read_text() == ""
+
+
+def test_poisoning_evaluation_texts_through_feedback_is_refused_and_an_honest_relearn_passes(
+        database, empty_store, topic_files, monkeypatch, capsys):
+    """The issue's case: one request relabels 16 of a task's 20 evaluation texts as reviews, then
+    `ctt learn --task topic --train ... --eval ... --feedback` (main registered the task at 0.25,
+    down from 1.00). An ordinary key cannot send reviews; a reviewer's key can, and the learn is
+    refused naming the share, source and credential; overridden, the rows still never train (they
+    are evaluation texts). A relearn with more data and honest feedback passes the gate."""
+    from model import store
+    from model.feedback.api import FeedbackMetrics
+    from model.feedback.endpoint import FeedbackEndpoint, FeedbackForbidden
+    from training.cli import main
+
+    train, test = topic_files
+    monkeypatch.setenv("DATABASE_URL", database.url)
+    learn_topic = ["learn", "--task", "topic", "--train", str(train), "--eval", str(test), "--backbone", "micro",
+                   "--epochs", "2", "--quiet"]
+    assert main(learn_topic) == 0
+    parent = store.get_version()
+    assert parent.metadata["accuracy"]["topic"] == 1.0
+    evaluation = [json.loads(line) for line in test.read_text().splitlines()]
+    swapped = {"sport": "money", "money": "sport"}
+    poison = [FeedbackItem(e["text"], "topic", swapped[e["label"]], source="review")
+              for e in evaluation[:8] + evaluation[10:18]]
+    endpoint = FeedbackEndpoint(database, FeedbackMetrics(False), parent.tag, {})
+    with pytest.raises(FeedbackForbidden):
+        endpoint.store(poison, principal("key:web-frontend", "classify", "feedback"))
+    assert endpoint.store(poison, principal("key:reviewer", "classify", "feedback", "review")).stored == 16
+    capsys.readouterr()
+
+    assert main(learn_topic + ["--feedback"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ctt: error: refusing to learn from feedback: 16 of 16 "), err
+    assert "16 of 16 review; 16 from key:reviewer" in err and "--allow-contradictions" in err
+    assert store.get_version().tag == parent.tag
+
+    assert main(learn_topic + ["--feedback", "--allow-contradictions"]) == 0
+    assert "16 contradict a label" in capsys.readouterr().err
+    overridden = store.get_version()
+    facts = overridden.record()["feedback"]
+    assert (facts["trained_on"], facts["evaluation_texts_not_trained"]) == (0, 16)
+    assert facts["contradictions"]["allowed"] and facts["by_credential"]["key:reviewer"]["contradictions"] == 16
+    assert overridden.metadata["accuracy"]["topic"] == 1.0
+
+    # Honest: more training data, and corrections of texts the files do not have.
+    more = write_jsonl(train.parent / "more.jsonl", [(t, "sport") for t in SPORT] * 3 + [(t, "money") for t in MONEY] * 3)
+    endpoint.store([FeedbackItem(t, "topic", label) for t, label in CORRECTED], principal("key:web-frontend", "feedback"))
+    assert main(["learn", "--task", "topic", "--train", str(more), "--eval", str(test), "--backbone", "micro",
+                 "--epochs", "3", "--quiet", "--feedback", "--allow-contradictions"]) == 0
+    honest = store.get_version()
+    gate = honest.record()["relearn_gate"]
+    assert honest.parent == overridden.tag and not gate["clearly_worse"] and gate["sets"]["eval"]["examples"] == 20
+    assert honest.record()["feedback"]["by_credential"]["key:web-frontend"] == {
+        "examples": 6, "contradictions": 0, "sources": {"correction": 6}}
+
+
+def test_a_revoked_credentials_rows_are_listed_and_purged_only_with_yes(database, monkeypatch, capsys):
+    from training.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", database.url)
+    database.add(items(3, prefix="kept"), model_tag="ctt:v1", principal="key:web-frontend")
+    database.add(items(2, prefix="bad", source="review") + items(1, task="q", prefix="bad"), model_tag="ctt:v1",
+                 principal="key:leaked")
+    assert main(["feedback", "credentials"]) == 0
+    listed = capsys.readouterr().out
+    assert "key:leaked" in listed and "key:web-frontend" in listed
+    assert main(["feedback", "credentials", "--credential", "key:leaked", "--json"]) == 0
+    assert sum(row["rows"] for row in json.loads(capsys.readouterr().out)) == 3
+
+    assert main(["feedback", "purge", "--credential", "key:leaked"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out.startswith("would delete 3 row(s) sent by credential 'key:leaked'")
+    assert "1 correction of task 'q', 2 review of task 'topic'" in shown.out
+    assert "run again with --yes" in shown.err and database.count() == 6
+
+    assert main(["feedback", "purge", "--credential", "key:leaked", "--yes"]) == 0
+    assert capsys.readouterr().out.startswith("deleted 3 row(s) sent by credential 'key:leaked'")
+    assert [row.principal for row in database.rows("topic")] == ["key:web-frontend"] * 3 and database.rows("q") == []
+    assert_counts_match_rows(database)
+    assert main(["feedback", "recount"]) == 0
+    assert_counts_match_rows(database)
 
 
 def test_feedback_cli_mistakes_are_one_line(database, monkeypatch, capsys, tmp_path):
