@@ -26,7 +26,7 @@ from model.feedback.database import (FeedbackConflict, FeedbackDatabase, Feedbac
                                      storable_principal, utc_now)
 from model.feedback.schema import SOURCES, Base
 from tests.conftest import MONEY, SPORT, write_jsonl
-from tests.postgres import PostgresServer, start_postgres
+from deploy.local_postgres import PostgresServer, start_postgres
 
 PROJECT = Path(__file__).resolve().parent.parent
 HEAD = "0002"  # the newest migration
