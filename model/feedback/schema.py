@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, PrimaryKeyConstraint, String, Text
+from sqlalchemy import BigInteger, DateTime, Index, Integer, PrimaryKeyConstraint, SmallInteger, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SOURCES = ("review", "correction")  # a sampled, unbiased review; a user's correction (biased to errors)
@@ -103,6 +103,9 @@ class FeedbackCount(Base):
     task: Mapped[str] = mapped_column(String(TASK_MAX_CHARS), nullable=False)
     model_tag: Mapped[str] = mapped_column(String(MODEL_TAG_MAX_CHARS), nullable=False)
     source: Mapped[str] = mapped_column(String(16), nullable=False)
+    # Concurrent writers of one task add to different shards of its buckets, so they do not wait
+    # for each other's commits (model/feedback/counts.py); readers sum the shards.
+    shard: Mapped[int] = mapped_column(SmallInteger, nullable=False)
     rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
     with_prediction: Mapped[int] = mapped_column(BigInteger, nullable=False)
     agreed: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -110,7 +113,7 @@ class FeedbackCount(Base):
     last_at: Mapped[datetime] = mapped_column(DateTime(timezone=False), nullable=False)
 
     # Reads take one span and a range of bucket starts: the key's order serves them.
-    __table_args__ = (PrimaryKeyConstraint("span", "bucket_start", "task", "model_tag", "source",
+    __table_args__ = (PrimaryKeyConstraint("span", "bucket_start", "task", "model_tag", "source", "shard",
                                            name="pk_ctt_feedback_counts"),)
 
 

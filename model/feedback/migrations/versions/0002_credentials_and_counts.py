@@ -28,12 +28,14 @@ def upgrade() -> None:
         sa.Column("task", sa.String(64), nullable=False),
         sa.Column("model_tag", sa.String(200), nullable=False),
         sa.Column("source", sa.String(16), nullable=False),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
         sa.Column("rows", sa.BigInteger(), nullable=False),
         sa.Column("with_prediction", sa.BigInteger(), nullable=False),
         sa.Column("agreed", sa.BigInteger(), nullable=False),
         sa.Column("first_at", sa.DateTime(timezone=False), nullable=False),
         sa.Column("last_at", sa.DateTime(timezone=False), nullable=False),
-        sa.PrimaryKeyConstraint("span", "bucket_start", "task", "model_tag", "source", name="pk_ctt_feedback_counts"),
+        sa.PrimaryKeyConstraint("span", "bucket_start", "task", "model_tag", "source", "shard",
+                                name="pk_ctt_feedback_counts"),
     )
     # The counting rule lives in one place; when the counts change shape, a later migration
     # recounts with its own rule (this one then needs a frozen copy of today's).
