@@ -236,7 +236,10 @@ MOMENTS = st.sampled_from([0, 1, 30, 59, 60, 61, 119, 720, 1439, 1440, 1441, 200
     st.tuples(st.just("purge"), st.sampled_from(["key:one", "key:two"]))), min_size=1, max_size=10),
     since=MOMENTS)
 def test_stats_stay_exact_through_retries_conflicts_prunes_and_purges(database, operations, since):
-    run = uuid.uuid4().hex[:8]  # ids of this example only: the database outlives it
+    database.ensure_migrated()
+    with database.engine.begin() as connection:  # each example starts empty: the database outlives it
+        connection.execute(text("DELETE FROM ctt_feedback"))
+        connection.execute(text("DELETE FROM ctt_feedback_counts"))
     for operation in operations:
         if operation[0] == "add":
             _, minutes, rows, principal, tag = operation
@@ -244,7 +247,7 @@ def test_stats_stay_exact_through_retries_conflicts_prunes_and_purges(database, 
             before = database.count()
             try:
                 database.add([FeedbackItem(f"text {label} {task}", task, label, prediction=prediction, source=source,
-                                           id=None if key is None else f"{run}-{key}")
+                                           id=None if key is None else f"id-{key}")
                               for key, task, label, prediction, source in rows], model_tag=tag, principal=principal)
             except FeedbackConflict:
                 assert database.count() == before  # all or none
@@ -254,6 +257,21 @@ def test_stats_stay_exact_through_retries_conflicts_prunes_and_purges(database, 
             database.purge(operation[1])
     assert_counts_match_rows(database)
     assert_counts_match_rows(database, BASE_TIME + timedelta(minutes=since))
+
+
+def test_stats_stay_exact_when_deletes_cut_through_buckets(database):
+    """Many writes to the same buckets (so shards are shared) with agreeing, disagreeing and
+    unpredicted rows; then a prune through an hour and a purge through hours, a day and all time."""
+    for minutes in (0, 10, 20, 70, 1500):
+        database.clock = lambda minutes=minutes: BASE_TIME + timedelta(minutes=minutes)
+        for number in range(10):
+            database.add([FeedbackItem(f"t{minutes} {number} {i}", "topic", "x", prediction=("x", "y", None)[i])
+                          for i in range(3)], model_tag="ctt:v1", principal=("key:one", "key:two")[number % 2])
+    for cut in (lambda: database.prune_before(BASE_TIME + timedelta(minutes=15)), lambda: database.purge("key:two")):
+        cut()
+        for since in (None, BASE_TIME + timedelta(minutes=30), BASE_TIME + timedelta(minutes=1490)):
+            assert_counts_match_rows(database, since)
+    assert database.count() == 45  # 150 stored, 60 pruned, half of the rest purged
 
 
 def test_since_windows_start_on_a_whole_hour_and_say_so(database):
