@@ -424,9 +424,11 @@ class FeedbackDatabase:
                 from sqlalchemy.dialects.sqlite import insert as dialect_insert
             else:
                 from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            statement = (dialect_insert(feedback_table).values(rows)
-                         .on_conflict_do_nothing(index_elements=["key"]).returning(feedback_table.c.key))
-            inserted = set(connection.execute(statement).scalars())
+            statement = (dialect_insert(feedback_table).on_conflict_do_nothing(index_elements=["key"])
+                         .returning(feedback_table.c.key))
+            # The rows as parameters, not in the statement: it compiles once (SQLAlchemy sends
+            # them as one multi-row insert).
+            inserted = set(connection.execute(statement, rows).scalars())
             self._refuse_changed_content(connection, [k for k in first_of if k not in inserted], items, first_of)
             counts.add_counts(connection, [counts.CountedRow(r["task"], r["model_tag"], r["source"], now,
                                                              r["prediction"], r["label"])
