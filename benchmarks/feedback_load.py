@@ -285,7 +285,8 @@ def main() -> int:
                 postgres.remove()
 
     def errors(outcomes: dict) -> str:
-        return ", ".join(f"{count} × {outcome}" for outcome, count in sorted(outcomes.items()) if outcome != "200") or "-"
+        failed = sorted((outcome, count) for outcome, count in outcomes.items() if outcome != "200")
+        return ", ".join(f"{count} × {outcome}" for outcome, count in failed) or "-"
 
     print_table(["database", "variant", "stats alone ms", "stats calls", "stats p50 ms", "stats p99 ms", "stats errors",
                  "writes", "write p50 ms", "write p99 ms", "write errors", "rows/s", "migrate s"],

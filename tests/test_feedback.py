@@ -182,7 +182,8 @@ def scanned_stats(database: FeedbackDatabase, since=None) -> list[dict]:
     from model.feedback.counts import window_start
 
     with database.engine.connect() as connection:
-        rows = connection.execute(text("SELECT task, model_tag, source, prediction, label, created_at FROM ctt_feedback")).all()
+        rows = connection.execute(text(
+            "SELECT task, model_tag, source, prediction, label, created_at FROM ctt_feedback")).all()
     start = window_start(since) if since is not None else None
     groups: dict[tuple, dict] = {}
     for row in rows:
@@ -387,7 +388,8 @@ def test_an_id_stored_with_other_content_refuses_the_whole_request_and_keeps_the
     first = FeedbackItem("the striker scored", "topic", "sport", id="row-x")
     database.add([first], principal="key:a")
     other = FeedbackItem("is it late?", "q", "q", id="row-x")
-    with pytest.raises(FeedbackConflict, match=r"item 1: id 'row-x' is already stored with different content") as caught:
+    with pytest.raises(FeedbackConflict,
+                       match=r"item 1: id 'row-x' is already stored with different content") as caught:
         database.add([FeedbackItem("a new row", "q", "q", id="new-1"), other], principal="key:b")
     assert (caught.value.ids, caught.value.items) == (["row-x"], [1])
     assert [(r.key, r.task, r.text, r.principal) for r in database.rows("topic") + database.rows("q")] == [
@@ -399,7 +401,8 @@ def test_an_id_stored_with_other_content_refuses_the_whole_request_and_keeps_the
     assert database.add([first], principal="key:b").already_stored == 1
     # One id twice in one request with different content: refused too.
     with pytest.raises(FeedbackConflict, match=r"items 0, 1 repeat id 'twice' with different content"):
-        database.add([FeedbackItem("one", "topic", "sport", id="twice"), FeedbackItem("two", "topic", "sport", id="twice")])
+        database.add([FeedbackItem("one", "topic", "sport", id="twice"),
+                      FeedbackItem("two", "topic", "sport", id="twice")])
     assert database.count() == 1
     assert_counts_match_rows(database)
 
@@ -417,8 +420,8 @@ def test_values_no_supported_database_can_store_are_refused_on_every_database(da
         assert caught.value.errors()[0]["loc"] == ("items", 1, "topic", field)
     # The database layer refuses them too (other callers than the HTTP schema), naming each item.
     with pytest.raises(FeedbackInvalid) as caught:
-        database.add([FeedbackItem("fine", "topic", "sport"), FeedbackItem("a\x00b", "topic", "sport", request_id="r\x00"),
-                      FeedbackItem("x", "t" * 65, "sport")])
+        database.add([FeedbackItem("fine", "topic", "sport"),
+                      FeedbackItem("a\x00b", "topic", "sport", request_id="r\x00"), FeedbackItem("x", "t" * 65, "sport")])
     assert [(loc, "NUL" in message) for loc, message in caught.value.problems] == [
         (["items", 1, "text"], True), (["items", 1, "request_id"], True), (["items", 2, "task"], False)]
     assert database.count() == 0
@@ -459,7 +462,8 @@ def test_every_database_failure_is_unavailable_and_logged_as_one_line_without_us
                 connection.execute(text("DROP TABLE ctt_feedback_counts"))
             expected = "the database"
         with caplog.at_level(logging.INFO, logger="ctt"):
-            with pytest.raises(FeedbackUnavailable, match=rf"^the feedback database is unavailable \(.*{expected}") as caught:
+            with pytest.raises(FeedbackUnavailable,
+                               match=rf"^the feedback database is unavailable \(.*{expected}") as caught:
                 database.add([FeedbackItem(USERS_TEXT, "topic", "sport", request_id=USERS_TEXT)])
         lines = [record.getMessage() for record in caplog.records]
         assert len(lines) == 1 and "storing feedback failed" in lines[0], lines
@@ -780,8 +784,10 @@ def test_poisoning_evaluation_texts_through_feedback_is_refused_and_an_honest_re
     assert overridden.metadata["accuracy"]["topic"] == 1.0
 
     # Honest: more training data, and corrections of texts the files do not have.
-    more = write_jsonl(train.parent / "more.jsonl", [(t, "sport") for t in SPORT] * 3 + [(t, "money") for t in MONEY] * 3)
-    endpoint.store([FeedbackItem(t, "topic", label) for t, label in CORRECTED], principal("key:web-frontend", "feedback"))
+    more = write_jsonl(train.parent / "more.jsonl",
+                       [(t, "sport") for t in SPORT] * 3 + [(t, "money") for t in MONEY] * 3)
+    endpoint.store([FeedbackItem(t, "topic", label) for t, label in CORRECTED],
+                   principal("key:web-frontend", "feedback"))
     assert main(["learn", "--task", "topic", "--train", str(more), "--eval", str(test), "--backbone", "micro",
                  "--epochs", "3", "--quiet", "--feedback", "--allow-contradictions"]) == 0
     honest = store.get_version()
@@ -816,6 +822,12 @@ def test_a_revoked_credentials_rows_are_listed_and_purged_only_with_yes(database
     assert_counts_match_rows(database)
     assert main(["feedback", "recount"]) == 0
     assert_counts_match_rows(database)
+    # Rows stored before credentials were recorded are listed, and purged, as "(unrecorded)".
+    with database.engine.begin() as connection:
+        connection.execute(text("UPDATE ctt_feedback SET principal = NULL WHERE text = 'kept 0'"))
+    assert main(["feedback", "purge", "--credential", "(unrecorded)", "--yes"]) == 0
+    assert capsys.readouterr().out.startswith("deleted 1 row(s) sent by credential '(unrecorded)'")
+    assert database.count() == 2
 
 
 def test_feedback_cli_mistakes_are_one_line(database, monkeypatch, capsys, tmp_path):

@@ -70,9 +70,10 @@ def test_feedback_is_counted_against_the_files_by_source_and_credential():
 
     training = [Example("a", "x"), Example("b", "x"), Example("b", "y")]
     evaluation = {"parent": [Example("c", "x")], "eval": [Example("d", "y")]}
-    batch = FeedbackBatch([Example("a", "y"), Example("b", "y"), Example("c", "y"), Example("d", "y"), Example("e", "x")],
-                          {"rows": 5}, [("review", "key:r"), ("correction", "key:w"), ("review", "key:r"),
-                                        ("correction", "key:w"), ("correction", "key:w")])
+    batch = FeedbackBatch([Example("a", "y"), Example("b", "y"), Example("c", "y"), Example("d", "y"),
+                           Example("e", "x")], {"rows": 5},
+                          [("review", "key:r"), ("correction", "key:w"), ("review", "key:r"), ("correction", "key:w"),
+                           ("correction", "key:w")])
     with pytest.raises(CTTError, match=r"2 of 5 example\(s\) \(40 %\).*2 of 2 review; 2 from key:r") as caught:
         vet_feedback(batch, training, evaluation, max_share=0.2, allowed=False)
     assert "--allow-contradictions" in str(caught.value)

@@ -292,7 +292,7 @@ def _feedback_credentials(database, args) -> int:
     """``ctt feedback credentials``: who sent feedback, per task and source (rows, first, last)."""
     from training.feedback import UNRECORDED
 
-    rows = database.credentials(args.credential)
+    rows = database.credentials(_credential(args.credential)) if args.credential is not None else database.credentials()
     if args.json:
         _print_json(rows)
         return 0
@@ -307,10 +307,18 @@ def _feedback_credentials(database, args) -> int:
     return 0
 
 
+def _credential(listed: str) -> str | None:
+    """A credential as ``ctt feedback credentials`` lists it: ``(unrecorded)`` is the rows stored
+    before credentials were recorded."""
+    from training.feedback import UNRECORDED
+
+    return None if listed == UNRECORDED else listed
+
+
 def _feedback_purge(database, args) -> int:
     """``ctt feedback purge --credential ID``: shows what a revoked credential's rows are; deletes
     them only with --yes."""
-    rows = database.credentials(args.credential)
+    rows = database.credentials(_credential(args.credential))
     total = sum(row["rows"] for row in rows)
     what = f"{total} row(s) sent by credential {args.credential!r} from {database.public_url}"
     detail = ", ".join(f"{row['rows']} {row['source']} of task {row['task']!r}" for row in rows)
@@ -323,7 +331,7 @@ def _feedback_purge(database, args) -> int:
         print("nothing was deleted: run again with --yes to delete them" if rows else "nothing to delete",
               file=sys.stderr)
         return 0
-    deleted = database.purge(args.credential)
+    deleted = database.purge(_credential(args.credential))
     print(f"deleted {deleted} row(s) sent by credential {args.credential!r} from {database.public_url}")
     return 0
 
@@ -463,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_data)
 
     p = sub.add_parser("feedback", help="production feedback: export for learning, prune, live accuracy")
-    feedback_sub = p.add_subparsers(dest="feedback_command", metavar="export|prune|stats|credentials|purge|recount|migrate", required=True)
+    feedback_sub = p.add_subparsers(dest="feedback_command", required=True,
+                                    metavar="export|prune|stats|credentials|purge|recount|migrate")
     f = feedback_sub.add_parser("export", help="a task's feedback as a labelled JSONL file (newest label per text)")
     f.add_argument("--task", required=True)
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
@@ -480,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f = feedback_sub.add_parser("purge", help="delete every row a (revoked) credential sent; shows them first, "
                                               "deletes only with --yes")
-    f.add_argument("--credential", required=True, help="the credential's id, as 'ctt feedback credentials' lists it")
+    f.add_argument("--credential", required=True, help="the credential's id, as 'ctt feedback credentials' lists it "
+                                                        "('(unrecorded)': rows stored before credentials were)")
     f.add_argument("--yes", action="store_true", help="delete them (without: only show what would be deleted)")
     feedback_sub.add_parser("recount", help="rebuild the stats' counts from the rows (after rows were changed "
                                             "outside ctt, or written by a release before migration 0002)")

@@ -140,6 +140,7 @@ def export_feedback(database: FeedbackDatabase, task: str, out: Path, since: dat
         with open(partial, "w", encoding="utf-8") as stream:
             for row in kept:
                 stream.write(json.dumps({"text": row.text, "label": row.label, "id": row.id, "source": row.source,
+                                         "credential": row.principal or UNRECORDED,
                                          "created_at": row.created_at.isoformat(timespec="seconds") + "Z"},
                                         ensure_ascii=False) + "\n")
         os.replace(partial, out)

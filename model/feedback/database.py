@@ -196,6 +196,14 @@ def _repeated_ids(items: list[FeedbackItem]) -> None:
                                "content; nothing was stored", ids, sorted(set(clashes)))
 
 
+EVERY_CREDENTIAL = object()  # FeedbackDatabase.credentials(): every credential's rows
+
+
+def _sent_by(principal: str | None):
+    column = feedback_table.c.principal
+    return column.is_(None) if principal is None else column == principal
+
+
 def storable_principal(principal: str) -> str:
     """A credential's id as a row records it: as given when it fits and every database can store
     it, else a readable prefix and a digest of the whole id (still one value per credential)."""
@@ -490,10 +498,10 @@ class FeedbackDatabase:
             select(func.count()).select_from(feedback_table).where(feedback_table.c.created_at < cutoff)).scalar(),
             "counting feedback")
 
-    def purge(self, principal: str) -> int:
-        """Delete every row ``principal`` (a credential's id, as listed by ``credentials``) sent;
-        returns how many."""
-        return self._delete(feedback_table.c.principal == principal, "purging a credential's feedback")
+    def purge(self, principal: str | None) -> int:
+        """Delete every row ``principal`` (a credential's id, as listed by ``credentials``; None:
+        the rows stored before credentials were recorded) sent; returns how many."""
+        return self._delete(_sent_by(principal), "purging a credential's feedback")
 
     def recount(self) -> int:
         """Rebuild the counts stats read from the rows (a full scan); returns the buckets written."""
@@ -506,16 +514,17 @@ class FeedbackDatabase:
         counts, never the rows: all time, or whole hours from ``counts.window_start(since)``."""
         return self._run(lambda connection: counts.read_counts(connection, since), "reading feedback stats")
 
-    def credentials(self, principal: str | None = None) -> list[dict]:
+    def credentials(self, principal: str | None | object = EVERY_CREDENTIAL) -> list[dict]:
         """Per credential (``principal``; None for rows stored before credentials were recorded),
-        task and source: rows, first and last row time. Reads the rows: an operator's command."""
+        task and source: rows, first and last row time; every credential's, or the one given.
+        Reads the rows: an operator's command."""
         table = feedback_table.c
         query = (select(table.principal, table.task, table.source, func.count().label("rows"),
                         func.min(table.created_at).label("first"), func.max(table.created_at).label("last"))
                  .group_by(table.principal, table.task, table.source)
                  .order_by(table.principal, table.task, table.source))
-        if principal is not None:
-            query = query.where(table.principal == principal)
+        if principal is not EVERY_CREDENTIAL:
+            query = query.where(_sent_by(principal))
         return [dict(row._mapping) for row in self._run(lambda connection: connection.execute(query).all(),
                                                          "listing credentials")]
 
