@@ -1,9 +1,12 @@
 """Overload benchmark (not a test): `make bench` or `python benchmarks/overload.py [--quick]`.
 
 Serves the MiniLM model with `make serve`'s defaults (2 workers x 1 thread, the settings table's
-queue bound), measures its capacity with 32 closed-loop clients (enough to keep both workers
-busy), then runs 4x as many clients for 30 s, each sending again the moment it has an answer, a
-503 included (clients that ignore Retry-After: the worst case), and reports:
+admission deadline CTT_MAX_WAIT_S), and first sends a burst of 256 single-text requests at once on
+256 connections to the idle pod (about 2 s of work: all should be answered, none refused). Then
+it measures its capacity with 32 closed-loop clients (enough to keep both workers busy), then runs
+4x as many clients for 30 s, each sending again the moment it has an answer, a 503 included
+(clients that ignore Retry-After: the worst case), and reports:
+  - the idle burst's answers (all 200 is the target);
   - the share of 200 and 503 answers, and any other outcome (should be none);
   - latency of the accepted requests (p50 / p99) and of the refusals (they must be fast);
   - whether every 503 carried Retry-After;
@@ -34,6 +37,7 @@ from model.settings import default  # noqa: E402
 TASKS = 5
 WORKERS = 2  # `make serve`'s default on 2 cores
 SATURATING_CLIENTS = 32  # closed-loop clients that keep both workers busy (benchmarks/serve.py)
+BURST_REQUESTS = 256
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,6 +72,28 @@ async def overload(url: str, clients: int, seconds: float) -> list[dict]:
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
     return outcomes
+
+
+async def burst(url: str, requests: int) -> dict:
+    """``requests`` single-text requests at once, each on its own connection, to an idle pod."""
+    pool = texts(requests, seed=4)
+    limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def one(i: int) -> tuple[str, float]:
+            sent = time.perf_counter()
+            try:
+                response = await client.post(f"{url}/classify", json={"items": [{"text": pool[i], "task": f"task{i % TASKS}"}]})
+                return str(response.status_code), time.perf_counter() - sent
+            except httpx.HTTPError as exc:
+                return type(exc).__name__, time.perf_counter() - sent
+
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(one(i) for i in range(requests)))
+        elapsed = time.perf_counter() - started
+    statuses = [status for status, _ in answers]
+    return {"requests": requests, "answered_200": statuses.count("200"),
+            "outcomes": {status: statuses.count(status) for status in sorted(set(statuses))},
+            "seconds": elapsed, "p99_ms": 1000 * percentile([s for _, s in answers], 0.99)}
 
 
 async def lone_request_seconds(url: str) -> float:
@@ -120,6 +146,9 @@ def main() -> None:
            "CTT_PRECISION": "fp32", "API_KEY": "", "JWT_SECRET": "", "LOG_LEVEL": "WARNING"}
     with bentoml_serve(env=env, timeout=300) as url:
         baseline = statistics.median([asyncio.run(lone_request_seconds(url)) for _ in range(20)])
+        idle_burst = asyncio.run(burst(url, BURST_REQUESTS))
+        print(f"burst of {BURST_REQUESTS} at once on an idle pod: {idle_burst['outcomes']} in "
+              f"{idle_burst['seconds']:.1f} s", file=sys.stderr)
         saturating = asyncio.run(closed_loop(url, SATURATING_CLIENTS, 10.0, TASKS, 100_000))
         capacity = saturating["throughput"]
         print(f"capacity {capacity:.1f} req/s at {SATURATING_CLIENTS} clients (p99 {saturating['p99_ms']:.0f} ms); "
@@ -131,7 +160,7 @@ def main() -> None:
     refused = [o for o in outcomes if o["status"] == 503]
     other = [o for o in outcomes if o["status"] not in (200, 503)]
     result = {
-        "machine": machine(), "workers": WORKERS, "queue_bound_items_per_worker": default("CTT_MAX_QUEUED_ITEMS"),
+        "machine": machine(), "workers": WORKERS, "max_wait_s": default("CTT_MAX_WAIT_S"), "idle_burst": idle_burst,
         "capacity_req_s": capacity, "capacity_p99_ms": saturating["p99_ms"], "clients": 4 * SATURATING_CLIENTS,
         "burst_s": burst, "requests": len(outcomes), "answered_req_s": len(outcomes) / burst,
         "share_200": len(accepted) / len(outcomes), "share_503": len(refused) / len(outcomes), "other": len(other),
@@ -143,11 +172,11 @@ def main() -> None:
     }
     save("overload", result)
     plot(outcomes, RESULTS / "overload.png")
-    print_table(["clients", "200 share", "503 share", "other", "accepted p50 ms", "accepted p99 ms",
-                 "503 p99 ms", "Retry-After on all 503", "recovery s"],
-                [[result["clients"], result["share_200"], result["share_503"], result["other"],
-                  result["accepted_p50_ms"], result["accepted_p99_ms"], result["refused_p99_ms"],
-                  result["every_503_has_retry_after"], result["recovery_s"]]])
+    print_table(["idle burst 200s", "clients", "200 share", "503 share", "other", "accepted p50 ms",
+                 "accepted p99 ms", "503 p99 ms", "Retry-After on all 503", "recovery s"],
+                [[f"{idle_burst['answered_200']}/{idle_burst['requests']}", result["clients"], result["share_200"],
+                  result["share_503"], result["other"], result["accepted_p50_ms"], result["accepted_p99_ms"],
+                  result["refused_p99_ms"], result["every_503_has_retry_after"], result["recovery_s"]]])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ CTT serves a benchmark model registered in a throw-away store: one task with a r
 (speed does not depend on its values), whose record declares int8 as accurate as fp32 so that the
 int8 variant really runs in int8; the report records what each service says it served.
 
+`--compare-ref REF` adds CTT as it was at a commit (its files from `git archive`, served with this
+environment's packages), so a change to the service is measured against what it replaced in the
+same run; `--composed` adds benchmarks/composed_service.py (/classify reaching a model service
+through `bentoml.depends`), the other shape of BentoML batching.
+
 Each peer runs in a virtual environment of its own under .venv-peers/, created on first use from
 the exact versions pinned below and re-used while its stamp file matches them.
 Writes benchmarks/results/peers.json and peers.png (peers-quick.* with --quick).
@@ -358,8 +363,19 @@ def infinity_server(bin_dir: Path, model_path: Path) -> Callable[[Path], Context
     return start
 
 
-def ctt_server(env: dict[str, str]) -> Callable[[Path], ContextManager[str]]:
-    return lambda log_path: bentoml_serve(env=env, log_path=log_path)
+def ctt_server(env: dict[str, str], target: str = "service:CTT",
+               cwd: Path = PROJECT) -> Callable[[Path], ContextManager[str]]:
+    return lambda log_path: bentoml_serve(target, env=env, log_path=log_path, cwd=cwd)
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """The project's files as they were at ``ref`` (git archive: no worktree, nothing in .git),
+    to serve that version's service.py with this environment's packages beside today's."""
+    folder = into / ref.replace("/", "_")
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=PROJECT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def served_precision(url: str) -> str | None:
@@ -549,6 +565,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=512, help="distinct texts in the pool")
     parser.add_argument("--only", nargs="+", choices=["ctt", "st", "infinity"], default=["ctt", "st", "infinity"],
                         help="which servers to run (all by default)")
+    parser.add_argument("--compare-ref", action="append", default=[], metavar="GIT_REF",
+                        help="also serve CTT as it was at this commit (same model, settings and packages), e.g. the "
+                             "commit before a change to the service (repeatable)")
+    parser.add_argument("--composed", action="store_true",
+                        help="also serve benchmarks/composed_service.py: /classify in a front service that reaches a "
+                             "model service through bentoml.depends (the other shape issue 18 asked to measure)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds, args.warmup = 1, 3.0, 0.5
@@ -576,11 +598,24 @@ def main() -> None:
     if "ctt" in args.only:
         say("registering the benchmark model")
         register_peers_model(precisions)
+        old_sources = Path(tempfile.mkdtemp(prefix="ctt-peers-refs-"))
         for precision in precisions:
             label = f"ctt {precision}"
             env = {**base_env, "CTT_PRECISION": precision}
             servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT, ctt_server(env), precision))
             precision_of[label] = precision
+            if args.composed:
+                label = f"ctt {precision} composed"
+                servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT,
+                                      ctt_server(env, "benchmarks.composed_service:CTTComposed"), precision))
+                precision_of[label] = precision
+            for ref in args.compare_ref:
+                label = f"ctt {precision} @ {ref}"
+                folder = old_sources / ref.replace("/", "_")
+                servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT,
+                                      ctt_server(env, cwd=folder if folder.exists() else checkout(ref, old_sources)),
+                                      precision))
+                precision_of[label] = precision
     peer_labels = {}
     if "st" in bins:
         peer_labels["st_as_written"] = "bentoml st example (as written)"

@@ -6,10 +6,11 @@ BentoML's /livez and /readyz, metrics scraped from /metrics, and two colours for
 
 from __future__ import annotations
 
-from deploy.spec import (APP, BENTOML_HOME, COLORS, LIVE_SERVICE, PORT, PREVIEW_SERVICE, SECRET_KEYS, SECRET_MOUNT,
-                         UID, WRITABLE_PATHS, Color, EnvironmentSpec, other)
-from model.serving import PUBLIC_API_PATHS
-from model.settings import RUNTIME_SETTINGS
+from deploy.spec import (APP, BENTOML_HOME, CLIENT_BODY_TIMEOUT_S, CLIENT_HEADER_TIMEOUT_S, CLIENT_KEEPALIVE_S, COLORS,
+                         INGRESS_UPSTREAM_KEEPALIVE_S, LIVE_SERVICE, POD_KEEPALIVE_S, PORT, PREVIEW_SERVICE, SECRET_KEYS,
+                         SECRET_MOUNT, UID, WRITABLE_PATHS, Color, EnvironmentSpec, other)
+from model.serving.routes import PUBLIC_API_PATHS
+from model.settings import REQUEST_TIMEOUT_S, RUNTIME_SETTINGS
 
 CONFIG_NAME = f"{APP}-config"
 SECRET_NAME = f"{APP}-secrets"
@@ -63,6 +64,8 @@ def deployment(color: Color) -> dict:
         "image": f"{APP}-image-{color}",
         "imagePullPolicy": "Always",
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        # Flags for the image's `bentoml serve` (it takes them when the first starts with '-').
+        "args": ["--timeout-keep-alive", str(POD_KEEPALIVE_S)],
         "envFrom": [{"configMapRef": {"name": CONFIG_NAME}}],
         # Secrets arrive as files, never as environment variables: env values leak into
         # `kubectl describe`, crash dumps and child processes; files can be rotated in place.
@@ -177,11 +180,28 @@ def ingress(spec: EnvironmentSpec) -> dict:
     paths = [{"path": path, "pathType": "Exact", "backend": backend} for path in PUBLIC_API_PATHS]
     body_limit = spec.settings().max_body_bytes
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": meta(APP, annotations={"nginx.ingress.kubernetes.io/ssl-redirect": "true",
-                                                "nginx.ingress.kubernetes.io/proxy-body-size": str(body_limit)}),
+            "metadata": meta(APP, annotations={
+                "nginx.ingress.kubernetes.io/ssl-redirect": "true",
+                "nginx.ingress.kubernetes.io/proxy-body-size": str(body_limit),
+                # A pod answers within the request timeout (then 504); the controller waits a little longer.
+                "nginx.ingress.kubernetes.io/proxy-connect-timeout": "5",
+                "nginx.ingress.kubernetes.io/proxy-send-timeout": str(REQUEST_TIMEOUT_S + 5),
+                "nginx.ingress.kubernetes.io/proxy-read-timeout": str(REQUEST_TIMEOUT_S + 5)}),
             "spec": {"ingressClassName": spec.ingress_class,
                      "tls": [{"hosts": [spec.host], "secretName": spec.tls_secret}],
                      "rules": [{"host": spec.host, "http": {"paths": paths}}]}}
+
+
+def ingress_controller_settings(spec: EnvironmentSpec) -> dict:
+    """What the ingress-nginx controller must bound for every client, which an Ingress cannot set:
+    header and body read timeouts (a client that never finishes its request is cut off there, not
+    left holding a connection to a pod) and keep-alive, below the pods' own."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "ingress-nginx-controller", "namespace": spec.ingress_namespace},
+            "data": {"client-header-timeout": str(CLIENT_HEADER_TIMEOUT_S),
+                     "client-body-timeout": str(CLIENT_BODY_TIMEOUT_S),
+                     "keep-alive": str(CLIENT_KEEPALIVE_S),
+                     "upstream-keepalive-timeout": str(INGRESS_UPSTREAM_KEEPALIVE_S)}}
 
 
 def network_policy(spec: EnvironmentSpec | None = None) -> dict:
@@ -211,15 +231,24 @@ def service_monitor(spec: EnvironmentSpec | None = None) -> dict:
                      "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}]}}
 
 
+# One key per client, each with only the permissions it needs (model/serving/auth.py).
+EXAMPLE_API_KEYS = ("<web-frontend-secret> id=web-frontend permissions=classify\n"
+                    "<corrections-secret> id=corrections permissions=classify,feedback\n"
+                    "<reviewers-secret> id=reviewers permissions=classify,feedback,review\n")
+
+
 def secret_example(spec: EnvironmentSpec) -> dict:
+    values = {filename: f"<{key} for {spec.name}>" for key, filename in SECRET_KEYS.items()}
+    values[SECRET_KEYS["API_KEY"]] = EXAMPLE_API_KEYS
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": SECRET_NAME, "namespace": spec.namespace, "labels": labels()},
-            "stringData": {filename: f"<{key} for {spec.name}>" for key, filename in SECRET_KEYS.items()}}
+            "stringData": values}
 
 
 def create_secret_command(spec: EnvironmentSpec) -> str:
-    literals = " ".join(f"--from-literal={filename}=\"${key}\"" for key, filename in SECRET_KEYS.items())
-    return f"kubectl -n {spec.namespace} create secret generic {SECRET_NAME} {literals}"
+    sources = " ".join(f"--from-file={filename}=./api-keys" if key == "API_KEY"
+                       else f"--from-literal={filename}=\"${key}\"" for key, filename in SECRET_KEYS.items())
+    return f"kubectl -n {spec.namespace} create secret generic {SECRET_NAME} {sources}"
 
 
 def base_objects() -> list[dict]:

@@ -1,6 +1,6 @@
 """Alerts, their unit tests, and the Grafana dashboard, on the metric names the service exports.
 
-Service metrics (see model/serving.py and BentoML): bentoml_service_request_total and
+Service metrics (see model/serving/metrics.py and BentoML): bentoml_service_request_total and
 bentoml_service_request_duration_seconds (labels endpoint, http_response_code), ctt_predictions_total
 (task), ctt_forward_batch_items, ctt_forward_seconds, ctt_model_info. Resource alerts use cAdvisor
 (container_*) and kube-state-metrics (kube_pod_*), which every kube-prometheus install scrapes.

@@ -99,8 +99,13 @@ def render_overlay(out: Path, spec: EnvironmentSpec, plan: ColorPlan | None = No
     })
     # Not part of the kustomization: a template for the Secret, and plain rule files for promtool.
     (folder / "secret.example.yaml").write_text(
-        HEADER + f"# Never commit real values. Create the Secret with:\n#   {m.create_secret_command(spec)}\n"
+        HEADER + "# Never commit real values. api-keys holds one key per line, as api-key below shows. Create the\n"
+        f"# Secret with:\n#   {m.create_secret_command(spec)}\n"
         + yaml.safe_dump(m.secret_example(spec), sort_keys=False))
+    (folder / "ingress-controller.example.yaml").write_text(
+        HEADER + "# Settings of the cluster's ingress-nginx controller (its ConfigMap, owned by whoever runs it;\n"
+        "# merge these keys into it): timeouts for clients that hold connections without finishing requests.\n"
+        + yaml.safe_dump(m.ingress_controller_settings(spec), sort_keys=False))
     _dump(folder / RULES_FILE, monitoring.rule_groups(spec.namespace))
     _dump(folder / RULES_TEST_FILE, monitoring.rule_tests(spec.namespace, RULES_FILE))
     return folder

@@ -28,6 +28,15 @@ WRITABLE_PATHS = {"bentoml-home": BENTOML_HOME, "tmp": "/tmp", "cache": "/home/b
                   # CTT_DATA_DIR: the SQLite feedback file where no DATABASE_URL is set (development)
                   "data": "/var/lib/ctt"}
 SECRET_MOUNT = "/var/run/secrets/ctt"
+# Connections. uvicorn under BentoML cannot time out a connection that never finishes its headers,
+# so the Ingress controller bounds what clients may hold open (ingress-nginx's own ConfigMap: an
+# Ingress cannot set these). The pod keeps an idle connection longer than the controller keeps
+# one to it: otherwise the controller can reuse a connection the pod has just closed (a 502).
+CLIENT_HEADER_TIMEOUT_S = 10
+CLIENT_BODY_TIMEOUT_S = 10
+CLIENT_KEEPALIVE_S = 30
+INGRESS_UPSTREAM_KEEPALIVE_S = 60  # ingress-nginx's default
+POD_KEEPALIVE_S = 75
 SECRET_KEYS = {"API_KEY": "api-key", "JWT_SECRET": "jwt-secret", "DATABASE_URL": "database-url"}
 IMAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
 # The Services: the live one behind the Ingress, and the preview one (ClusterIP only) a release checks.

@@ -29,6 +29,7 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as the hash
 TASK_NAME_MAX_CHARS = 64  # model/ctt.py TASK_NAME_PATTERN allows 1-64 characters
+REQUEST_TIMEOUT_S = 30  # BentoML's traffic.timeout: a request still running after this is a 504
 
 
 # ----- parsers: each raises ValueError with the reason ------------------------------------
@@ -53,6 +54,19 @@ def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     parse.__doc__ = f"whole number ≥ {minimum}" + (f", ≤ {maximum}" if maximum is not None else "")
+    return parse
+
+
+def _seconds(minimum: float, maximum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not minimum <= value <= maximum:  # NaN fails both
+            raise ValueError(f"must be between {minimum:g} and {maximum:g} seconds")
+        return value
+
     return parse
 
 
@@ -117,11 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
             "bounds the memory of every batch", _whole(2, 10_000)),
     Setting("CTT_MAX_BATCH_SIZE", "max_batch_size", "32", "most items in one batched forward pass",
             _whole(2, 4096)),
-    Setting("CTT_MAX_QUEUED_ITEMS", "max_queued_items", "32",
-            "most items waiting per worker; beyond it a request gets 503 with Retry-After at once "
-            "(about 0.5 s of work for a MiniLM worker in int8, which serves about 59 texts/s at saturation: "
-            "`benchmarks/peers.py`; `benchmarks/overload.py` measures the shedding)",
-            _whole(1, 100_000)),
+    Setting("CTT_MAX_WAIT_S", "max_wait_s", "5",
+            "a request is refused at once (503 with Retry-After) when the wait its worker predicts for it (the items "
+            "the worker holds times the measured seconds per item) is above this many seconds; 5 s admits a burst of "
+            "256 single texts on an idle 2-worker pod (about 2 s of work at 59 texts/s per MiniLM worker in int8: "
+            "`benchmarks/peers.py`) and keeps admitted requests well inside the 30 s request timeout "
+            "(`benchmarks/overload.py` measures it)", _seconds(0.01, 25)),
     Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
     Setting("CTT_SHUTDOWN_DRAIN_S", "shutdown_drain_s", "20",
             "after SIGTERM, keep answering (each answer closing its connection) until the API has been quiet "
@@ -136,6 +151,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CTT_MAX_BODY_BYTES", "max_body_bytes", "1048576",
             "largest request body (413 above it); the Ingress allows the same", _whole(1024)),
     Setting("CTT_WORKERS", "workers", "1", "worker processes (one per CPU of the pod's limit)", _whole(1, 64)),
+    Setting("CTT_MAX_CONCURRENCY", "max_concurrency", "1024",
+            "most requests one worker handles at once (BentoML's `traffic.max_concurrency` is this times "
+            "`CTT_WORKERS`), a bound on the bodies held in memory; beyond it BentoML answers 429 at once. Each "
+            "/classify holds two (itself and its forward pass): far more than CTT_MAX_WAIT_S admits on MiniLM",
+            _whole(8, 100_000)),
     Setting("CTT_TORCH_THREADS", "torch_threads", "1", "torch threads per worker", _whole(1, 64)),
     Setting("CTT_PRECISION", "precision", "int8",
             "`int8` (dynamically quantised backbone, about 1.5× the forward rate) or `fp32` (the reference); a "
@@ -162,7 +182,8 @@ SETTINGS: tuple[Setting, ...] = (
             "version to serve (default: newest); `bentoml build` pins it into the bento", _optional_text,
             scope="build"),
     Setting("API_KEY", "api_key", None,
-            "API keys, one per line (`API_KEY_FILE` names a file; it is re-read when it changes)",
+            "API keys, one per line: `SECRET id=NAME permissions=classify,feedback,review` (`API_KEY_FILE` names a "
+            "file; it is re-read when it changes); a key without `permissions=` may classify and send corrections",
             scope="secret"),
     Setting("JWT_SECRET", "jwt_secret", None,
             f"HS256 secret for JWTs, at least {MIN_JWT_SECRET_BYTES} bytes (or `JWT_SECRET_FILE`)",
@@ -197,7 +218,7 @@ class Settings:
     max_tasks: int
     max_labels: int
     max_batch_size: int
-    max_queued_items: int
+    max_wait_s: float
     retry_after_s: int
     shutdown_drain_s: int
     load_attempts: int
@@ -205,6 +226,7 @@ class Settings:
     max_text_chars: int
     max_body_bytes: int
     workers: int
+    max_concurrency: int
     torch_threads: int
     precision: str
     jwt_audience: str | None
@@ -306,29 +328,14 @@ class SecretSource:
             return self._value
 
 
-def api_keys(source: SecretSource) -> list[str]:
-    """Every API key in ``source``: one per line, blank lines and ``#`` comments ignored."""
-    value = source.get() or ""
-    return [line.strip() for line in value.splitlines() if line.strip() and not line.strip().startswith("#")]
-
-
 def check_jwt_secret(secret: str | None) -> None:
     if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
         raise CTTError(f"JWT_SECRET has {len(secret.encode())} bytes; HS256 needs at least "
                        f"{MIN_JWT_SECRET_BYTES} (e.g. `openssl rand -hex 32`)")
 
 
-def check_startup_credentials(settings: Settings, keys: SecretSource, jwt_secret: SecretSource) -> None:
-    """Fail closed: outside development and test, refuse to start without any credential."""
-    check_jwt_secret(jwt_secret.get())
-    if settings.fails_closed and not (api_keys(keys) or jwt_secret.get()):
-        raise CTTError(f"ENVIRONMENT={settings.environment} needs credentials: set API_KEY_FILE or "
-                       "JWT_SECRET_FILE (a mounted Secret) or API_KEY / JWT_SECRET; refusing to serve an open API")
-
-
 if __name__ == "__main__":
     print(settings_markdown(), end="")
 
 
-__all__ = ["SETTINGS", "Settings", "Setting", "SecretSource", "api_keys", "default", "settings_markdown",
-           "check_startup_credentials", "check_jwt_secret"]
+__all__ = ["SETTINGS", "Settings", "Setting", "SecretSource", "default", "settings_markdown", "check_jwt_secret"]

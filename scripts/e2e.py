@@ -222,7 +222,8 @@ def start_container(name: str, image: str, env: dict, api_key: str) -> str:
            "--env", f"DATABASE_URL_FILE={SECRET_MOUNT}/{SECRET_KEYS['DATABASE_URL']}",
            "--volume", f"{secret_dir}:{SECRET_MOUNT}:ro",
            *host_ulimits(),
-           "--stop-timeout", str(spec.termination_grace_seconds), image, env=env, capture=True)
+           "--stop-timeout", str(spec.termination_grace_seconds), image,
+           *manifests.deployment("blue")["spec"]["template"]["spec"]["containers"][0]["args"], env=env, capture=True)
     return f"http://127.0.0.1:{port}"
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from deploy.render import RULES_FILE, RULES_TEST_FILE, overlay_dir, release_objects, render
 from deploy.spec import COLORS, ENVIRONMENTS, SECRET_KEYS, UID, WRITABLE_PATHS, ColorPlan
-from model.serving import INTERNAL_PATHS, PUBLIC_API_PATHS
+from model.serving.routes import INTERNAL_PATHS, PUBLIC_API_PATHS
 from model.settings import RUNTIME_SETTINGS, SECRET_SETTINGS, Settings
 from tests.serving import PROJECT
 
@@ -117,8 +117,8 @@ def test_alerts_use_metrics_the_service_exports(rendered):
     expressions = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])
     for metric in re.findall(r"(bentoml_service_\w+|ctt_\w+)", expressions):
         assert metric.startswith(("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "ctt_")), metric
-    # The series are defined in model/serving.py and, for feedback, model/feedback/api.py.
-    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving.py", "feedback/api.py"))
+    # The series are defined in model/serving/metrics.py and, for feedback, model/feedback/api.py.
+    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving/metrics.py", "feedback/api.py"))
     board = next(c for c in by_kind(rendered["production"], "ConfigMap") if c["metadata"]["name"] == "ctt-dashboard")
     dashboard = json.loads(board["data"]["ctt-dashboard.json"])
     for panel in dashboard["panels"]:
@@ -214,8 +214,38 @@ def test_no_secret_values_anywhere(layout, rendered):
                 assert not re.search(r"(^|_)(API_?KEY|SECRET|TOKEN|PASSWORD)(_|$)", key, re.I), key
     for example in layout.glob("overlays/*/secret.example.yaml"):
         document = yaml.safe_load(example.read_text())
-        assert all(value.startswith("<") and value.endswith(">") for value in document["stringData"].values())
+        for value in document["stringData"].values():
+            assert all(line.startswith("<") and ">" in line for line in value.splitlines()), value
         assert "kubectl" in example.read_text() and "create secret" in example.read_text()
+
+
+def test_the_secret_example_gives_each_client_its_own_key_and_permissions(layout):
+    from model.serving.auth import parse_api_keys
+
+    document = yaml.safe_load((layout / "overlays" / "production" / "secret.example.yaml").read_text())
+    keys = parse_api_keys(document["stringData"][SECRET_KEYS["API_KEY"]])
+    assert [key.id for key in keys] == ["web-frontend", "corrections", "reviewers"]
+    assert [sorted(key.permissions) for key in keys] == [["classify"], ["classify", "feedback"],
+                                                          ["classify", "feedback", "review"]]
+
+
+def test_connections_are_bounded_at_the_ingress_and_outlived_by_the_pods(layout, rendered):
+    """uvicorn cannot time out a client that never finishes its headers: the controller does. The
+    pod keeps idle connections longer than the controller reuses them, so it never closes one the
+    controller is about to send on (a 502)."""
+    from model.settings import REQUEST_TIMEOUT_S
+
+    for env, objects in rendered.items():
+        (ingress,) = by_kind(objects, "Ingress")
+        annotations = ingress["metadata"]["annotations"]
+        assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > REQUEST_TIMEOUT_S
+        controller = yaml.safe_load(
+            "\n".join(line for line in (layout / "overlays" / env / "ingress-controller.example.yaml").read_text()
+                      .splitlines() if not line.startswith("#")))["data"]
+        assert int(controller["client-header-timeout"]) <= 10 and int(controller["client-body-timeout"]) <= 10
+        for deployment in by_kind(objects, "Deployment"):
+            args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert args[0] == "--timeout-keep-alive" and int(args[1]) > int(controller["upstream-keepalive-timeout"])
 
 
 def test_every_setting_the_service_reads_is_set(rendered):

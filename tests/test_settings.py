@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from model.errors import CTTError
-from model.settings import (BY_NAME, SETTINGS, SecretSource, Settings, api_keys, check_startup_credentials,
-                            settings_markdown)
+from model.serving.auth import Credentials, check_startup_credentials
+from model.settings import BY_NAME, SETTINGS, SecretSource, Settings, settings_markdown
 from tests.serving import PROJECT
 
 NOT_SETTINGS = {"TOKENIZERS_PARALLELISM", "BENTOML_DO_NOT_TRACK"}  # third-party switches
@@ -66,15 +66,15 @@ def test_secret_files_are_reread_when_they_change(tmp_path):
     path.write_text("first\n\n# a comment\nsecond\n")
     clock = Clock()
     source = SecretSource("API_KEY", {"API_KEY_FILE": str(path)}, reload_s=10, clock=clock)
-    assert api_keys(source) == ["first", "second"]
+    assert source.get() == "first\n\n# a comment\nsecond"
     (tmp_path / "swap").write_text("third\n")
     (tmp_path / "swap").replace(path)
-    assert api_keys(source) == ["first", "second"], "checked at most every reload_s"
+    assert source.get().endswith("second"), "checked at most every reload_s"
     clock.now = 10
-    assert api_keys(source) == ["third"]
+    assert source.get() == "third"
     path.unlink()
     clock.now = 20
-    assert api_keys(source) == [], "a removed Secret holds no key"
+    assert source.get() is None, "a removed Secret holds no key"
     assert SecretSource("API_KEY", {"API_KEY": "inline"}).get() == "inline"
 
 
@@ -89,12 +89,12 @@ def test_secret_files_are_reread_when_they_change(tmp_path):
 ])
 def test_fail_closed_outside_development(environ, fails):
     settings = Settings.from_environ(environ)
-    keys, secret = SecretSource("API_KEY", environ), SecretSource("JWT_SECRET", environ)
+    credentials = Credentials(settings, SecretSource("API_KEY", environ), SecretSource("JWT_SECRET", environ))
     if fails:
         with pytest.raises(CTTError):
-            check_startup_credentials(settings, keys, secret)
+            check_startup_credentials(settings, credentials)
     else:
-        check_startup_credentials(settings, keys, secret)
+        check_startup_credentials(settings, credentials)
 
 
 def test_learn_refuses_too_many_labels_in_one_line(tmp_path, empty_store, capsys):

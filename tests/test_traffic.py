@@ -34,7 +34,7 @@ def model_name(tmp_path_factory):
 def server(model_name, tmp_path_factory):
     log = tmp_path_factory.mktemp("traffic-logs") / "serve.log"
     env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": "", "JWT_SECRET": "",
-           "CTT_WORKERS": "2", "CTT_MAX_QUEUED_ITEMS": "10000"}
+           "CTT_WORKERS": "2"}
     with bentoml_serve(env=env, log_path=log) as url:
         yield url, log
 
@@ -71,36 +71,62 @@ def test_a_poisoned_request_of_any_content_type_never_fails_good_ones(server, mo
     assert [r.json()[0]["label"] for r in good_responses] == expected
     for kind, response in zip(POISONED_BODIES, bad_responses):
         assert response.status_code in (400, 415), (kind, response.status_code, response.text)
-    assert bad_responses[0].json()["problems"][0]["loc"] == ["items", 0, "text"]
-    assert "surrogate" in bad_responses[0].json()["problems"][0]["message"]
+    # pydantic's JSON parser refuses a lone surrogate escape as invalid JSON before any field is read.
+    assert bad_responses[0].json()["problems"][0]["message"].startswith("Invalid JSON")
 
 
-def test_batches_that_fail_are_rerun_apart():
-    """The mechanism, whatever the cause: a merged pass that raises fails only the request whose
-    own item fails; a pass that always fails is the service's fault for everyone."""
-    from model.batching import BatchFailed, ContinuousBatcher, ItemFailed
+def test_a_merged_pass_that_fails_is_rerun_item_by_item():
+    """The mechanism, whatever the cause: a merged pass that raises fails only the items that fail
+    on their own; a pass that fails even on known-good input is the service's fault for everyone;
+    a ticket this worker did not issue gets nothing."""
+    from model.serving.batching import ForwardPass
+    from model.serving.schemas import Prediction
 
-    def run(items):
+    passes = []
+
+    def predict(items):
         if "poison" in items:
             raise RuntimeError("tokenizer exploded")
-        return [item.upper() for item in items]
+        return [Prediction(task="t", label=item.upper(), score=1.0) for item in items]
 
-    async def scenario():
-        batcher = ContinuousBatcher(run, max_batch_items=64, max_queued_items=1000)
-        requests = [["a", "b"], ["c", "poison", "d"], ["e"]] * 5
-        results = await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
-        broken = ContinuousBatcher(lambda items: 1 / 0, max_batch_items=64, max_queued_items=1000,
-                                   healthy=lambda: bool(1 / 0))
-        failures = await asyncio.gather(broken.submit(["x"]), broken.submit(["y"]), return_exceptions=True)
-        return results, failures
+    forward = ForwardPass(predict, healthy=lambda: True, on_pass=lambda items, seconds: passes.append(len(items)))
+    outcomes = forward(["a", "poison", None, "b"])
+    assert [(o.prediction and o.prediction.label, o.failure) for o in outcomes] == [
+        ("A", None), (None, "item"), (None, "unknown"), ("B", None)]
+    assert passes == [3]
+    broken = ForwardPass(lambda items: 1 / 0, healthy=lambda: bool(1 / 0))
+    assert [o.failure for o in broken(["x", "y"])] == ["service", "service"]
 
-    results, failures = asyncio.run(scenario())
-    for request, result in zip([["a", "b"], ["c", "poison", "d"], ["e"]] * 5, results):
-        if "poison" in request:
-            assert isinstance(result, ItemFailed) and result.index == 1
-        else:
-            assert result == [item.upper() for item in request]
-    assert all(isinstance(f, BatchFailed) for f in failures)
+
+def test_admission_refuses_only_what_would_wait_past_the_deadline():
+    from model.serving.batching import Admission, Overloaded
+
+    admission = Admission(deadline_s=1.0, retry_after_s=2, prior_seconds_per_item=0.1)
+    admission.admit(64)  # an idle worker admits any request, whatever its size
+    with pytest.raises(Overloaded, match="about 6.5 s, above the 1 s limit; retry after 2 s"):
+        admission.admit(1)
+    admission.done(64)
+    for _ in range(10):
+        admission.admit(1)
+    admission.measured(32, 32 * 0.01)  # a full pass shows items cost a tenth of the prior
+    assert admission.seconds_per_item == pytest.approx(0.1 + 0.8 * (0.01 - 0.1))
+    admission.measured(32, 32 * 0.01)
+    assert admission.predicted_wait_s(50) < 1.0
+    admission.admit(50)
+    admission.measured(0, 1.0)
+    admission.measured(4, float("nan"))
+    assert admission.held_items == 60 and 0 < admission.seconds_per_item < 0.1
+
+
+def test_tickets_only_redeem_what_this_worker_issued():
+    from model.serving.batching import Tickets
+
+    tickets = Tickets()
+    issued = tickets.issue(["first", "second"])
+    assert len(set(issued)) == 2 and all(len(t) >= 20 for t in issued)
+    assert tickets.redeem([issued[1], "forged", issued[0]]) == ["second", None, "first"]
+    tickets.release(issued)
+    assert tickets.redeem(issued) == [None, None] and len(tickets) == 0
 
 
 def metric_lines(url: str) -> int:
@@ -139,10 +165,10 @@ def test_client_mistakes_are_one_quiet_line(server):
 
 
 def test_overload_is_a_fast_503_with_retry_after(model_name):
-    """A worker that may queue 4 items: a burst of 60 requests is partly refused at once, each
+    """A worker whose deadline is 20 ms: a burst of 60 long requests is partly refused at once, each
     refusal a 503 with Retry-After, every other answer a 200; the worker recovers at once."""
     env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": "", "JWT_SECRET": "",
-           "CTT_MAX_QUEUED_ITEMS": "4"}
+           "CTT_MAX_WAIT_S": "0.02"}
     with bentoml_serve(env=env) as url:
         async def burst():
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=60)) as client:
@@ -158,6 +184,28 @@ def test_overload_is_a_fast_503_with_retry_after(model_name):
         metrics = httpx.get(f"{url}/metrics").text
         assert float(re.search(r"^ctt_shed_requests_total (\S+)", metrics, re.M).group(1)) == codes.count(503)
         assert httpx.post(f"{url}/classify", json={"items": [{"text": "goal", "task": "topic"}]}).status_code == 200
+
+
+def test_a_burst_an_idle_pod_can_clear_in_time_is_answered_in_full(server):
+    """256 single-text requests on 256 connections at once, to two idle workers: every one a 200
+    (the item-count queue bound refused more than half of such a burst), and the passes show that
+    BentoML's adaptive batching merged them."""
+    url, _ = server
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
+            return await asyncio.gather(*(client.post(f"{url}/classify", json={"items": [
+                {"text": TEXTS[i % len(TEXTS)], "task": ("topic", "question")[i % 2]}]}) for i in range(256)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert codes == [200] * 256, {code: codes.count(code) for code in set(codes)}
+    metrics = httpx.get(f"{url}/metrics").text
+    batches = [float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_count\{[^}]*method_name="forward_pass"'
+                                            r'[^}]*\} (\S+)', metrics, re.M)]
+    requests = [float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="forward_pass"'
+                                             r'[^}]*\} (\S+)', metrics, re.M)]
+    assert batches and sum(requests) >= 256 and sum(batches) < sum(requests), "requests were never merged"
 
 
 def test_readiness_waits_for_every_worker_and_never_flaps(model_name, tmp_path):
@@ -264,12 +312,14 @@ def _status_of(connection) -> str:
 
 def test_sigterm_answers_every_request_in_flight_20_times(model_name):
     """20 servers, SIGTERM with requests in flight: every request handed over before SIGTERM
-    gets its answer. Servers run four at a time: start-up is most of the cost."""
+    gets its answer. Servers run four at a time: start-up is most of the cost. (Four servers at
+    once on a busy machine make passes slow; the deadline is raised so that admission, not under
+    test here, admits all 24 requests.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     body = json.dumps({"items": [{"text": " ".join(TEXTS), "task": "topic"}] * 16}).encode()
     env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": "", "JWT_SECRET": "",
-           "CTT_MAX_QUEUED_ITEMS": "10000"}
+           "CTT_MAX_WAIT_S": "25"}
 
     def one_round(round_: int) -> list:
         with bentoml_serve(env=env) as url:
@@ -283,10 +333,53 @@ def test_sigterm_answers_every_request_in_flight_20_times(model_name):
     assert lost == []
 
 
+def test_a_marker_of_a_dead_worker_whose_pid_came_back_does_not_count(tmp_path):
+    """Markers live in /tmp, an emptyDir that outlives a container restart, where the new workers
+    often get the old pids: a marker names a process by pid and start time."""
+    from model.serving.lifecycle import ServerReadiness, process_start
+
+    readiness = ServerReadiness(workers=2, folder=tmp_path)
+    readiness.mark_ready()
+    assert readiness.ready_workers() == 1 and readiness.marker.name == f"{os.getpid()}-{process_start(os.getpid())}.ready"
+    # A worker of the last container had this process's pid; this process is not that worker.
+    (tmp_path / f"{os.getpid()}-1.ready").touch()
+    (tmp_path / f"{os.getppid()}-{process_start(os.getppid())}.ready").touch()
+    assert readiness.ready_workers() == 2
+    assert readiness.all_ready()
+    (tmp_path / f"{os.getppid()}-{process_start(os.getppid())}.ready").unlink()
+    assert not readiness.all_ready()
+
+
+def test_a_thousand_idle_connections_leave_room_for_requests(model_name):
+    """Under the 1,024 open files most container runtimes allow, 1,050 idle connections took every
+    descriptor of a worker and each new request failed until they closed. Workers raise their limit
+    to the hard limit; the Ingress bounds how long clients may hold connections (deploy/spec.py)."""
+    import socket
+
+    port = free_port()
+    home = Path(os.environ["BENTOML_HOME"])
+    env = {**os.environ, "CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": "", "JWT_SECRET": "",
+           "BENTOML_HOME": str(home)}
+    command = f"ulimit -Sn 1024 && exec {BENTOML} serve service:CTT --host 127.0.0.1 --port {port}"
+    from deploy.local import server_process
+
+    with server_process(["bash", "-c", command], port, environ=env) as url:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(1050)]
+        half = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        for connection in half:
+            connection.sendall(b"POST /classify HTTP/1.1\r\nHost: ctt\r\nContent-Le")
+        try:
+            response = httpx.post(f"{url}/classify", json={"items": [{"text": "goal", "task": "topic"}]}, timeout=30)
+            assert response.status_code == 200
+        finally:
+            for connection in idle + half:
+                connection.close()
+
+
 def test_the_drain_counts_connections_no_worker_has_accepted_and_quiet_starts_at_sigterm():
     import socket
 
-    from model.lifecycle import Activity, connections_waiting_to_be_accepted
+    from model.serving.lifecycle import Activity, connections_waiting_to_be_accepted
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -314,7 +407,7 @@ def test_the_drain_counts_connections_no_worker_has_accepted_and_quiet_starts_at
 
 
 def test_while_draining_every_answer_closes_its_connection():
-    from model.lifecycle import Activity, ActivityMiddleware
+    from model.serving.lifecycle import Activity, ActivityMiddleware
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
@@ -326,7 +419,7 @@ def test_while_draining_every_answer_closes_its_connection():
         async def send(message):
             sent.append(message)
 
-        await ActivityMiddleware(app, activity, frozenset({"/classify"}))({"type": "http", "path": path}, None, send)
+        await ActivityMiddleware(app, lambda: activity, frozenset({"/classify"}))({"type": "http", "path": path}, None, send)
         return sent[0]["headers"]
 
     activity = Activity()

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from model.errors import CTTError
 from model.feedback.database import FeedbackItem, utc_now
 from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS, storable_problem
-from model.serving import VISIBLE_PATTERN, text_problem
+from model.serving.schemas import VISIBLE_PATTERN, text_problem
 
 FEEDBACK_PATH = "/feedback"
 FEEDBACK_STATS_PATH = "/feedback/stats"

@@ -254,6 +254,8 @@ class FeedbackDatabase:
         self.url = url
         self.timeout_s = timeout_s
         self.attempts = attempts
+        # The pool's connections and as many again in overflow: how many calls can use it at once.
+        self.max_connections = 2 * pool_size
         self.engine = self._engine(url, timeout_s, pool_size)
         self.clock: Callable[[], datetime] = utc_now  # when rows are stored (tests set other times)
         self._migrated = False

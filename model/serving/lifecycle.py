@@ -4,8 +4,11 @@ SIGTERM.
 BentoML runs each worker as its own process, and ``/readyz`` is answered by whichever worker
 accepts the connection. So that a pod is Ready only when *every* worker has a warm model (and
 not Ready again the moment any of them is shutting down), each worker marks itself in a folder
-shared by the workers of one server: a file named by its process id. A marker whose process is
-gone does not count.
+shared by the workers of one server. A process is named by its pid *and* its start time: in a
+container the server is often pid 1 and its workers get the same pids after a restart, and the
+folder (in ``/tmp``, an ``emptyDir`` that outlives the container) would otherwise show a dead
+worker's marker as a live one. A marker whose process is gone, or is another process now, does
+not count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ logger = logging.getLogger("ctt")
 T = TypeVar("T")
 
 
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of ``/proc/PID/stat``);
+    with the pid it names one process for the life of the machine. "gone" when no such process
+    exists; empty where there is no /proc (then the pid alone names a process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone" if Path("/proc/self/stat").exists() else ""
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: fields after its last ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -38,9 +55,10 @@ class ServerReadiness:
 
     def __init__(self, workers: int, folder: Path | None = None):
         self.workers = workers
-        self.folder = folder or Path(tempfile.gettempdir()) / f"ctt-ready-{os.getppid()}"
+        parent = os.getppid()
+        self.folder = folder or Path(tempfile.gettempdir()) / f"ctt-ready-{parent}-{process_start(parent)}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.marker = self.folder / f"{os.getpid()}.ready"
+        self.marker = self.folder / f"{os.getpid()}-{process_start(os.getpid())}.ready"
         self.stopping = False
 
     def mark_ready(self) -> None:
@@ -53,14 +71,33 @@ class ServerReadiness:
     def ready_workers(self) -> int:
         count = 0
         for marker in self.folder.glob("*.ready"):
+            pid, _, started = marker.stem.partition("-")
             try:
-                count += _alive(int(marker.stem))
+                count += _alive(int(pid)) and process_start(int(pid)) == started
             except ValueError:
                 continue
         return count
 
     def all_ready(self) -> bool:
         return not self.stopping and self.marker.exists() and self.ready_workers() >= self.workers
+
+
+def raise_open_file_limit(ceiling: int = 1 << 20) -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit (at most ``ceiling``);
+    returns (before, after). Every connection is a file: under the soft limit most container
+    runtimes give (1,024), a thousand idle connections left a worker no descriptor to accept
+    another, and every new request failed until they closed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, wanted
+    return soft, soft
 
 
 class RetryingLoader(Generic[T]):
@@ -185,23 +222,27 @@ def connections_waiting_to_be_accepted() -> int:
 
 
 class ActivityMiddleware:
-    def __init__(self, app, activity: Activity, paths: frozenset[str]):
+    """Counts this worker's public API requests for the drain. ``activity()`` finds the worker's
+    ``Activity`` (its service instance owns it; None before the instance exists)."""
+
+    def __init__(self, app, activity: Callable[[], Activity | None], paths: frozenset[str]):
         self.app = app
         self.activity = activity
         self.paths = paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        activity = self.activity() if scope["type"] == "http" else None
+        if activity is None:
             return await self.app(scope, receive, send)
-        if self.activity.draining:
+        if activity.draining:
             send = self._closing(send)
         if scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        self.activity.started()
+        activity.started()
         try:
             return await self.app(scope, receive, send)
         finally:
-            self.activity.finished()
+            activity.finished()
 
     @staticmethod
     def _closing(send):

@@ -1,0 +1,165 @@
+"""Forward passes through BentoML's adaptive batching, with per-request isolation and admission
+by predicted wait.
+
+``/classify`` is a plain async API; the forward pass is a ``batchable`` API of the same service,
+and ``/classify`` calls it through ``self.to_async`` so that BentoML's dispatcher merges the items
+of concurrent requests, of any mix of tasks, into shared passes (and records
+``bentoml_service_adaptive_batch_size``). That call travels through the worker's own ASGI stack, so
+it does not carry the items themselves: ``/classify`` leaves them in this worker's ``Tickets`` and
+sends one unguessable ticket per item. The forward pass looks the items up; a ticket it did not
+issue gets nothing (so the internal route needs no credentials and is inert for anyone else), and
+the texts are not serialised, parsed and validated a second time.
+
+Isolation: inside a merged batch the request boundaries are gone, so one exception would fail
+every request in it. ``ForwardPass`` catches it, re-runs the items one by one and returns an
+outcome per item: only a request whose own item fails gets an error (422, naming the item); if
+every item fails and even known-good input fails, the service is broken (500 for all).
+
+Admission: BentoML's queue is unbounded and its ``max_latency_ms`` cancels queued requests only
+later. ``Admission`` decides at once instead: a request is refused (503 with Retry-After) when the
+wait it would see, predicted from the items this worker already holds and the measured seconds per
+item of recent passes, exceeds ``CTT_MAX_WAIT_S``. A burst the worker can clear within the deadline
+is answered in full; past saturation, refusals take microseconds. ``max_latency_ms`` stays as the
+backstop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from model.serving.schemas import PassOutcome, Prediction
+
+logger = logging.getLogger("ctt")
+
+
+class Overloaded(Exception):
+    """The wait this request would see is above the deadline: retry after ``retry_after_s``."""
+
+    def __init__(self, predicted_s: float, deadline_s: float, retry_after_s: int):
+        super().__init__(f"overloaded: this worker would answer in about {predicted_s:.1f} s, above the "
+                         f"{deadline_s:g} s limit; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Tickets:
+    """Items of this worker's admitted requests, by ticket, until their request is answered."""
+
+    def __init__(self):
+        self._items: dict[str, Any] = {}
+
+    def issue(self, items: Sequence[Any]) -> list[str]:
+        tickets = [secrets.token_urlsafe(16) for _ in items]
+        self._items.update(zip(tickets, items))
+        return tickets
+
+    def redeem(self, tickets: Sequence[str]) -> list[Any | None]:
+        return [self._items.get(ticket) for ticket in tickets]
+
+    def release(self, tickets: Sequence[str]) -> None:
+        for ticket in tickets:
+            self._items.pop(ticket, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Admission:
+    """Predicts the wait of a new request in this worker and refuses it above ``deadline_s``.
+
+    The wait is the items this worker holds (admitted, not yet answered) plus the request's own,
+    times the seconds per item of recent passes: an exponentially weighted mean, weighted by the
+    items of each pass, so under load it follows the full passes that decide how fast a queue
+    drains. Before any pass is measured, ``prior_seconds_per_item`` (the warm-up's) stands in."""
+
+    def __init__(self, deadline_s: float, retry_after_s: int, prior_seconds_per_item: float = 0.05,
+                 weight: float = 0.2):
+        self.deadline_s = deadline_s
+        self.retry_after_s = retry_after_s
+        self.seconds_per_item = prior_seconds_per_item
+        self.weight = weight
+        self.held_items = 0
+        self._lock = threading.Lock()  # passes are measured in BentoML's thread, admission runs in the loop
+
+    def predicted_wait_s(self, items: int) -> float:
+        return (self.held_items + items) * self.seconds_per_item
+
+    def admit(self, items: int) -> None:
+        """Hold ``items`` or raise Overloaded. An idle worker admits any request: one request
+        within the item limit is never refused for its own size."""
+        predicted = self.predicted_wait_s(items)
+        if self.held_items and predicted > self.deadline_s:
+            raise Overloaded(predicted, self.deadline_s, self.retry_after_s)
+        self.held_items += items
+
+    def done(self, items: int) -> None:
+        self.held_items -= items
+
+    def measured(self, items: int, seconds: float) -> None:
+        """One pass of ``items`` took ``seconds``."""
+        if items <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        with self._lock:
+            # A pass of 8 items moves the mean by ``weight``; a full pass of 32 by four times that.
+            share = min(1.0, self.weight * items / 8)
+            self.seconds_per_item += share * (seconds / items - self.seconds_per_item)
+
+
+class ForwardPass:
+    """Runs ``predict(items) -> predictions`` over a merged batch with per-item isolation."""
+
+    def __init__(self, predict: Callable[[list[Any]], list[Prediction]], healthy: Callable[[], bool],
+                 on_pass: Callable[[list[Any], float], None] = lambda items, seconds: None):
+        self.predict = predict
+        self.healthy = healthy
+        self.on_pass = on_pass
+
+    def __call__(self, items: Sequence[Any | None]) -> list[PassOutcome]:
+        outcomes = [PassOutcome(failure="unknown") for _ in items]
+        known = [(index, item) for index, item in enumerate(items) if item is not None]
+        if not known:
+            return outcomes
+        started = time.perf_counter()
+        try:
+            predictions = self.predict([item for _, item in known])
+        except Exception:
+            self._run_apart(known, outcomes)
+        else:
+            for (index, _), prediction in zip(known, predictions):
+                outcomes[index] = PassOutcome(prediction=prediction)
+        self.on_pass([item for _, item in known], time.perf_counter() - started)
+        return outcomes
+
+    def _run_apart(self, known: list[tuple[int, Any]], outcomes: list[PassOutcome]) -> None:
+        """The merged pass failed: find out which items fail on their own."""
+        failed = []
+        for index, item in known:
+            try:
+                prediction = self.predict([item])[0]
+            except Exception as exc:
+                failed.append((index, type(exc).__name__))
+                continue
+            outcomes[index] = PassOutcome(prediction=prediction)
+        if not failed:
+            return
+        # An item that fails alone is the item's fault only if the model still works.
+        if len(failed) < len(known) or self._healthy():
+            for index, reason in failed:
+                logger.warning(f"an item failed on its own: {reason}")
+                outcomes[index] = PassOutcome(failure="item")
+        else:
+            for index, _ in failed:
+                outcomes[index] = PassOutcome(failure="service")
+
+    def _healthy(self) -> bool:
+        try:
+            if self.healthy():
+                return True
+        except Exception:
+            pass
+        logger.error("the forward pass fails even on known-good input", exc_info=True)
+        return False
