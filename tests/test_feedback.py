@@ -553,8 +553,8 @@ def stored_rows(url: str) -> list:
     database = FeedbackDatabase(url)
     try:
         with database.engine.connect() as connection:
-            return connection.execute(text("SELECT key, task, text, label, prediction, source, request_id, model_tag "
-                                           "FROM ctt_feedback ORDER BY id")).all()
+            return connection.execute(text("SELECT key, task, text, label, prediction, source, request_id, model_tag, "
+                                           "principal FROM ctt_feedback ORDER BY id")).all()
     finally:
         database.close()
 
@@ -627,6 +627,20 @@ def test_a_bad_item_is_a_400_naming_it_and_nothing_is_stored(feedback_server, it
     problems = response.json()["problems"]
     assert problems[0]["loc"] == where and fragment in problems[0]["message"], problems
     assert len(stored_rows(url)) == before
+
+
+def test_the_same_id_with_other_content_is_a_409_naming_it_over_http(feedback_server):
+    kind, base, url, _ = feedback_server
+    first = {"id": f"{kind}-409", "text": "the striker scored", "task": "topic", "label": "sport"}
+    assert post_feedback(base, [first]).status_code == 200
+    before = stored_rows(url)
+    other = {**first, "task": "question", "text": "is it late?", "label": "q"}
+    response = post_feedback(base, [{"text": "a new row", "task": "topic", "label": "money"}, other])
+    assert response.status_code == 409, response.text
+    assert f"id '{kind}-409' is already stored with different content" in response.json()["error"]
+    assert response.json()["problems"] == [{"loc": ["items", 1, "id"], "message": "already stored with different content"}]
+    assert stored_rows(url) == before
+    assert post_feedback(base, [first]).json() == {"stored": 0, "already_stored": 1}
 
 
 def test_concurrent_clients_over_http_store_every_row_once(feedback_server):
@@ -821,6 +835,7 @@ def test_a_revoked_credentials_rows_are_listed_and_purged_only_with_yes(database
     assert [row.principal for row in database.rows("topic")] == ["key:web-frontend"] * 3 and database.rows("q") == []
     assert_counts_match_rows(database)
     assert main(["feedback", "recount"]) == 0
+    assert capsys.readouterr().out.startswith("recounted ")
     assert_counts_match_rows(database)
     # Rows stored before credentials were recorded are listed, and purged, as "(unrecorded)".
     with database.engine.begin() as connection:

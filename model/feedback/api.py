@@ -17,6 +17,9 @@ from model.feedback.database import FeedbackItem, utc_now
 from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS, storable_problem
 from model.serving.schemas import VISIBLE_PATTERN, text_problem
 
+# What the OpenAPI document says of every stored string: no NUL character (schema.py's
+# storable_problem is the rule; this states it). "not" of a string that contains one, so null passes.
+STORABLE_SCHEMA = {"not": {"type": "string", "pattern": "\\u0000"}}
 FEEDBACK_PATH = "/feedback"
 FEEDBACK_STATS_PATH = "/feedback/stats"
 # What GET /feedback/stats?since= takes: an age back from now (ISO times are for the CLI). Five
@@ -60,9 +63,10 @@ class _FeedbackItemBase(BaseModel):
     source: Literal[SOURCES] = Field(DEFAULT_SOURCE, description=(  # type: ignore[valid-type]
         "`review`: a sampled prediction checked by a reviewer (unbiased, drives the live-accuracy "
         "alert); `correction`: a user fixing a wrong answer (biased towards errors)."))
-    request_id: str | None = Field(None, max_length=KEY_MAX_CHARS,
+    request_id: str | None = Field(None, max_length=KEY_MAX_CHARS, json_schema_extra=STORABLE_SCHEMA,
                                    description="The /classify request this feedback is about.")
-    id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, description=(
+    id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, json_schema_extra=STORABLE_SCHEMA,
+                           description=(
         "Your unique id for this row: sending it again (a retry, the same content) stores nothing new; "
         "the same id with different content is a 409 and nothing of the request is stored."))
 
@@ -101,7 +105,7 @@ def feedback_request_model(task_labels: Mapping[str, Sequence[str]], max_items: 
 
     text_field = (str, Field(description="The text that was classified (no NUL characters: not every "
                                          "supported database can store them).",
-                             json_schema_extra={"pattern": VISIBLE_PATTERN, "minLength": 1,
+                             json_schema_extra={"pattern": VISIBLE_PATTERN, **STORABLE_SCHEMA, "minLength": 1,
                                                 "maxLength": max_text_chars}))
     validators = {"text_present_and_bounded": field_validator("text")(text_rule)}
     if not task_labels:
