@@ -31,7 +31,8 @@ from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
 from model.errors import CTTError
 from model.feedback.api import SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics, feedback_request_model, parse_since
 from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
-from model.feedback.endpoint import FeedbackEndpoint, check_startup_database
+from model.feedback.endpoint import (FeedbackConflict, FeedbackEndpoint, FeedbackForbidden, FeedbackInvalid,
+                                     check_startup_database)
 from model.precision import MAX_ACCURACY_LOSS, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving.auth import INTERNAL, Credentials, check_startup_credentials
@@ -379,12 +380,19 @@ class CTT:
         """Store the right label of served texts: a sampled `review` or a user's `correction`. A 200
         means every row is committed; an `id` already stored is not stored again (retries are safe).
         503 with Retry-After while the database is unreachable."""
-        principal = ctx.request.scope.get("auth", INTERNAL)  # noqa: F841  (recorded with the rows: issue 20)
+        principal = ctx.request.scope.get("auth", INTERNAL)
         rows = [item.to_item() for item in items]
         try:
-            return await self._in_database_thread(self.feedback_endpoint.store, rows)
-        except FeedbackUnavailable as exc:
-            logger.warning(f"503 {FEEDBACK_PATH}: {exc}")
+            return await self._in_database_thread(self.feedback_endpoint.store, rows, principal)
+        except FeedbackForbidden as exc:
+            return error(403, str(exc), [Problem(loc=["items", i, "source"], message=f"needs the {exc.permission!r} "
+                                                 "permission") for i in exc.items], ctx=ctx)
+        except FeedbackConflict as exc:
+            return error(409, str(exc), [Problem(loc=["items", i, "id"], message="already stored with different "
+                                                 "content") for i in exc.items], ctx=ctx)
+        except FeedbackInvalid as exc:
+            return error(400, str(exc), [Problem(loc=loc, message=message) for loc, message in exc.problems], ctx=ctx)
+        except FeedbackUnavailable as exc:  # the database layer logged it, as one line without users' text
             return error(503, str(exc), ctx=ctx)
 
     @bentoml.api(route=FEEDBACK_STATS_PATH, input_spec=feedback_stats_request_model(SINCE_PATTERN))

@@ -199,7 +199,7 @@ def main() -> int:
             results.append(asyncio.run(one_database(name, env, url, args.kills, args.workers, args.clients,
                                                     work / f"{name}.log", rng)))
         else:
-            from tests.postgres import start_postgres
+            from deploy.local_postgres import start_postgres
 
             postgres = start_postgres()
             try:

@@ -79,8 +79,9 @@ def test_relearning_replaces_the_task(empty_store, topic_files, question_files, 
     learn("topic", *topic_files, settings=micro_settings())
     learn("question", *question_files, settings=micro_settings())
     renamed = write_jsonl(tmp_path / "topic2.jsonl", [(t, "sports") for t in SPORT] * 2 + [("stocks fell", "markets")] * 10)
-    report = learn("topic", renamed, settings=micro_settings())
-    assert report.replaced and report.tasks == ["topic", "question"]
+    # New label names: a deliberate relabelling, so the parent's evaluation set no longer applies.
+    report = learn("topic", renamed, settings=micro_settings(allow_relabel=True))
+    assert report.replaced and report.tasks == ["topic", "question"] and report.relearn_gate["clearly_worse"]
     assert report.labels == ["markets", "sports"]
     assert report.forgetting == {"question": 0.0}
 

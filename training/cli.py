@@ -116,6 +116,8 @@ def cmd_learn(args) -> int:
         patience=args.patience, select_on=args.select_on, holdout=args.holdout, max_forgetting=args.max_forgetting,
         min_accuracy=args.min_accuracy, backbone=args.backbone, max_length=args.max_length,
         stage=args.stage, progress=not args.quiet, wait=not args.no_wait,
+        allow_relabel=args.allow_relabel, max_feedback_contradictions=args.max_feedback_contradictions,
+        allow_contradictions=args.allow_contradictions,
         **({"owner": args.owner} if args.owner else {}),
     )
     feedback = None
@@ -141,6 +143,17 @@ def cmd_learn(args) -> int:
     for name, loss in precision_report(report).items():
         print(f"task {name!r} loses {100 * loss:.1f} points in int8 (more than {100 * MAX_ACCURACY_LOSS:.1f}): "
               "the service serves it in fp32", file=sys.stderr)
+    if report.relearn_gate:
+        from training.gate import describe_gate
+
+        gate = report.relearn_gate
+        verdict = ("clearly worse, registered with --allow-relabel" if gate["clearly_worse"]
+                   else "not clearly worse than the parent's module")
+        print(f"relearned task {report.task!r}: {describe_gate(gate)}: {verdict}", file=sys.stderr)
+    if report.feedback:
+        from training.learn import describe_feedback
+
+        print(f"feedback: {describe_feedback(report.feedback)}", file=sys.stderr)
     print(f"mean accuracy {_fmt(report.mean_accuracy)}, BWT {_fmt(report.bwt)}; task module "
           f"{report.module_parameters} parameters ({report.module_bytes / 1024:.1f} KiB, "
           f"{100 * report.module_parameters / report.backbone_parameters:.3f} % of the backbone); "
@@ -334,14 +347,26 @@ def cmd_feedback(args) -> int:
             print(done["out"])
         elif args.feedback_command == "stats":
             from model.feedback.api import stats_document
+            from model.feedback.counts import GRANULARITY, window_start
 
-            document = stats_document(database.stats(since), version="-", version_accuracy={}, since=since)
+            document = stats_document(database.stats(since), version="-", version_accuracy={},
+                                      since=window_start(since) if since else None,
+                                      granularity_s=GRANULARITY.total_seconds())
             if args.json:
                 _print_json(document)
                 return 0
-            rows = [[t["task"], source, s["rows"], s["with_prediction"], s["agreement"], t["first"], t["last"]]
-                    for t in document["tasks"] for source, s in t["sources"].items()]
-            _table(["task", "source", "rows", "with prediction", "agreement", "first", "last"], rows)
+            rows = [[t["task"], v["version"] or "-", source, s["rows"], s["with_prediction"], s["agreement"],
+                     v["first"], v["last"]]
+                    for t in document["tasks"] for v in t["versions"] for source, s in v["sources"].items()]
+            if since:
+                print(f"since {document['since']} (windows start on a whole hour)", file=sys.stderr)
+            _table(["task", "version", "source", "rows", "with prediction", "agreement", "first", "last"], rows)
+        elif args.feedback_command == "credentials":
+            return _feedback_credentials(database, args)
+        elif args.feedback_command == "purge":
+            return _feedback_purge(database, args)
+        elif args.feedback_command == "recount":
+            print(f"recounted {database.recount()} bucket(s) of feedback stats from the rows in {database.public_url}")
         elif args.feedback_command == "migrate":
             print(f"{database.public_url} at migration {database.migrate()}")
     finally:
@@ -356,7 +381,7 @@ def _prune(args) -> int:
 
     from model.feedback.api import describe_age
     from model.feedback.database import utc_now
-    from training.feedback import default_retention, open_from_environ, parse_age, prune_before, rows_stored_before
+    from training.feedback import default_retention, open_from_environ, parse_age
 
     older_than = args.older_than if args.older_than is not None else default_retention()
     age = parse_age(older_than)
@@ -371,11 +396,11 @@ def _prune(args) -> int:
         what = (f"row(s) older than {older_than} ({describe_age(age)}: stored before "
                 f"{cutoff:%Y-%m-%d %H:%M:%S} UTC) from {database.public_url}")
         if not args.yes:
-            print(f"would delete {rows_stored_before(database, cutoff)} {what}")
+            print(f"would delete {database.count_before(cutoff)} {what}")
             print("nothing was deleted: run again with --yes to delete them"
                   + (" (and --force: that is less than a day ago)" if recent else ""), file=sys.stderr)
             return 0
-        deleted = prune_before(database, cutoff)
+        deleted = database.prune_before(cutoff)
         from model.store import record
 
         record("feedback-prune", database=database.public_url, older_than=older_than,
@@ -383,6 +408,57 @@ def _prune(args) -> int:
         print(f"deleted {deleted} {what}")
     finally:
         database.close()
+    return 0
+
+
+def _feedback_credentials(database, args) -> int:
+    """``ctt feedback credentials``: who sent feedback, per task and source (rows, first, last)."""
+    from training.feedback import UNRECORDED
+
+    rows = database.credentials(_credential(args.credential)) if args.credential is not None else database.credentials()
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no feedback {'from ' + repr(args.credential) + ' ' if args.credential else ''}"
+              f"in {database.public_url}", file=sys.stderr)
+        return 0
+    _table(["credential", "task", "source", "rows", "first", "last"],
+           [[row["principal"] or UNRECORDED, row["task"], row["source"], row["rows"],
+             row["first"].isoformat(timespec="seconds") + "Z", row["last"].isoformat(timespec="seconds") + "Z"]
+            for row in rows])
+    return 0
+
+
+def _credential(listed: str) -> str | None:
+    """A credential as ``ctt feedback credentials`` lists it: ``(unrecorded)`` is the rows stored
+    before credentials were recorded."""
+    from training.feedback import UNRECORDED
+
+    return None if listed == UNRECORDED else listed
+
+
+def _feedback_purge(database, args) -> int:
+    """``ctt feedback purge --credential ID``: shows what a revoked credential's rows are; deletes
+    them only with --yes."""
+    rows = database.credentials(_credential(args.credential))
+    total = sum(row["rows"] for row in rows)
+    what = f"{total} row(s) sent by credential {args.credential!r} from {database.public_url}"
+    detail = ", ".join(f"{row['rows']} {row['source']} of task {row['task']!r}" for row in rows)
+    if rows:
+        first = min(row["first"] for row in rows).isoformat(timespec="seconds")
+        last = max(row["last"] for row in rows).isoformat(timespec="seconds")
+        detail += f"; stored {first}Z to {last}Z"
+    if not args.yes:
+        print(f"would delete {what}" + (f": {detail}" if rows else ""))
+        print("nothing was deleted: run again with --yes to delete them" if rows else "nothing to delete",
+              file=sys.stderr)
+        return 0
+    deleted = database.purge(_credential(args.credential))
+    from model.store import record
+
+    record("feedback-purge", database=database.public_url, credential=args.credential, rows=deleted)
+    print(f"deleted {deleted} row(s) sent by credential {args.credential!r} from {database.public_url}")
     return 0
 
 
@@ -441,7 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail at once when another ctt command is changing the store (default: wait)")
     p.add_argument("--feedback", "--with-feedback", dest="feedback", action="store_true",
                    help="also train on the task's stored production feedback (DATABASE_URL or the SQLite file "
-                        "under CTT_DATA_DIR; newest label per text); the version records which rows")
+                        "under CTT_DATA_DIR; newest label per text; evaluation texts never train); the version "
+                        "records which rows, from which sources and credentials")
+    p.add_argument("--max-feedback-contradictions", type=_fraction,
+                   default=learn_default("max_feedback_contradictions"),
+                   help="refuse when more than this share of the feedback gives a text another label than the "
+                        "training file or an evaluation set")
+    p.add_argument("--allow-contradictions", action="store_true",
+                   help="learn from feedback even above --max-feedback-contradictions (recorded in the version)")
+    p.add_argument("--allow-relabel", action="store_true",
+                   help="register a relearned task even when it is clearly worse than the parent's module on the "
+                        "same evaluation examples: a deliberate relabelling (recorded in the version)")
     p.set_defaults(run=cmd_learn)
 
     p = sub.add_parser("models", help="list versions, newest first (or 'ctt models delete TAG')")
@@ -526,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_data)
 
     p = sub.add_parser("feedback", help="production feedback: export for learning, prune, live accuracy")
-    feedback_sub = p.add_subparsers(dest="feedback_command", metavar="export|prune|stats|migrate", required=True)
+    feedback_sub = p.add_subparsers(dest="feedback_command", required=True,
+                                    metavar="export|prune|stats|credentials|purge|recount|migrate")
     f = feedback_sub.add_parser("export", help="a task's feedback as a labelled JSONL file (newest label per text)")
     f.add_argument("--task", required=True)
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
@@ -541,6 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--since", help="only rows stored since: an ISO date/time (UTC) or an age such as 7d")
     f.add_argument("--json", action="store_true")
     feedback_sub.add_parser("migrate", help="bring the database schema up to date (the service also does this)")
+    f = feedback_sub.add_parser("credentials", help="who sent feedback: rows per credential, task and source")
+    f.add_argument("--credential", help="only this credential's rows (its id, e.g. key:web-frontend)")
+    f.add_argument("--json", action="store_true")
+    f = feedback_sub.add_parser("purge", help="delete every row a (revoked) credential sent; shows them first, "
+                                              "deletes only with --yes")
+    f.add_argument("--credential", required=True, help="the credential's id, as 'ctt feedback credentials' lists it "
+                                                        "('(unrecorded)': rows stored before credentials were)")
+    f.add_argument("--yes", action="store_true", help="delete them (without: only show what would be deleted)")
+    feedback_sub.add_parser("recount", help="rebuild the stats' counts from the rows (after rows were changed "
+                                            "outside ctt, or written by a release before migration 0002)")
     p.set_defaults(run=cmd_feedback)
 
     add_deploy_parser(sub)

@@ -12,7 +12,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +23,11 @@ from model.store import METRICS_FILE, Version, get_version, has_versions, model_
 from model.tags import parse_tag
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
 from training.evaluate import ContinualMetrics, accuracies_as_served, accuracy, continual_metrics
+from training.feedback import FeedbackBatch, describe_contradictions, vet_feedback
+from training.gate import describe_gate, relearned_task_gate
 from training.recipe import train_task_module
 from training.settings import SELECT_ON, LearnSettings  # noqa: F401  (LearnSettings is defined there, torch-free)
 from training.report import write_accuracy_matrix_plot
-
-if TYPE_CHECKING:
-    from training.feedback import FeedbackBatch
 
 
 @dataclass
@@ -54,6 +52,7 @@ class LearnReport(ContinualMetrics):
     backbone_parameters: int = 0
     seconds: float = 0.0
     feedback: dict | None = None  # the stored feedback this version learned from (ctt learn --feedback)
+    relearn_gate: dict | None = None  # a relearned task against the parent's module (training/gate.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +73,7 @@ class LearnReport(ContinualMetrics):
             train_examples=examples["train_examples"], eval_examples=examples["eval_examples"],
             module_parameters=training["module_parameters"], module_bytes=training["module_bytes"],
             backbone_parameters=training["backbone_parameters"], seconds=seconds,
-            feedback=record.get("feedback"),
+            feedback=record.get("feedback"), relearn_gate=record.get("relearn_gate"),
         )
 
 
@@ -118,8 +117,9 @@ def store_metadata(record: dict) -> dict:
     keys = ("parent", "parent_manifest_sha256", "new_task", "replaced", "tasks", "backbone", "backbone_digest",
             "max_length", "accuracy", "mean_accuracy", "bwt")
     metadata = {key: record[key] for key in keys}
-    if record.get("feedback"):
-        metadata["feedback"] = record["feedback"]
+    for optional in ("feedback", "relearn_gate"):
+        if record.get(optional):
+            metadata[optional] = record[optional]
     return metadata
 
 
@@ -130,9 +130,15 @@ def without_relabelled(examples: list[Example], feedback: list[Example]) -> list
     return [example for example in examples if example.text not in relabelled]
 
 
+def stored_eval_set(version: Version | None, task_name: str) -> list[Example]:
+    """The evaluation set ``version`` keeps for ``task_name`` (empty when it has no such task)."""
+    tasks = version.metadata.get("tasks", []) if version else []
+    return [Example(**e) for e in version.eval_set(tasks.index(task_name))] if task_name in tasks else []
+
+
 def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None = None,
           from_tag: str | None = None, settings: LearnSettings | None = None,
-          feedback: "FeedbackBatch | None" = None) -> LearnReport:
+          feedback: FeedbackBatch | None = None) -> LearnReport:
     """Learn ``task_name`` from ``train_path``, plus ``feedback`` (stored production feedback of the
     task) when given, on top of ``from_tag`` or the latest version, and register the result."""
     settings = settings or LearnSettings()
@@ -144,21 +150,31 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
 
     # Data: check everything before any expensive step (and before waiting for the store).
     examples = read_training_file(train_path, settings.max_labels)
+    evaluation_file = read_labelled(eval_path) if eval_path is not None else None
+    vetted_against = None
     if feedback is not None:
-        examples = without_relabelled(examples, feedback.examples)
-    labels = label_set(examples + (feedback.examples if feedback else []))
+        # Feedback is checked against the files it would overrule and the evaluation sets the
+        # gate measures on (the version learning starts from keeps one for a relearned task);
+        # evaluation texts never train from feedback.
+        start = get_version(from_tag) if from_tag or has_versions() else None
+        vetted_against = start.tag if start else None
+        evaluation_sets = {"parent": stored_eval_set(start, task_name), "eval": evaluation_file or []}
+        trained_feedback, feedback_info = vet_feedback(feedback, examples, evaluation_sets,
+                                                       settings.max_feedback_contradictions,
+                                                       settings.allow_contradictions)
+        examples = without_relabelled(examples, trained_feedback)
+    labels = label_set(examples + (trained_feedback if feedback else []))
     fit, held_out = stratified_split(examples, settings.holdout, settings.seed)
     if feedback is not None:
         # Feedback only ever trains: corrections lean towards the model's errors, so the held-out
         # slice that picks the epoch (and, without --eval, measures the task) stays the file's.
-        fit = fit + feedback.examples
-        _say(settings, f"feedback: {len(feedback.examples)} example(s) from {feedback.info.get('rows')} stored "
-                       f"row(s) up to id {feedback.info.get('up_to_id')}")
-    if eval_path is not None:
-        evaluation = read_labelled(eval_path)
-        unseen = sorted(set(label_set(evaluation)) - set(labels))
+        fit = fit + trained_feedback
+        _say(settings, f"feedback: {describe_feedback(feedback_info)}")
+    if evaluation_file is not None:
+        unseen = sorted(set(label_set(evaluation_file)) - set(labels))
         if unseen:
             raise CTTError(f"{eval_path}: labels {unseen} never appear in the training file {train_path}")
+        evaluation = evaluation_file
     else:
         evaluation = held_out
     evaluation = cap_stratified(evaluation, settings.max_eval_examples, settings.seed)
@@ -167,12 +183,30 @@ def learn(task_name: str, train_path: str | Path, eval_path: str | Path | None =
     # that both started from the same latest version would otherwise lose one of the tasks.
     with store_lock(wait=settings.wait):
         record = _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings,
-                               feedback.info if feedback is not None else None)
+                               feedback_info if feedback is not None else None, vetted_against,
+                               gate_on_evaluation=evaluation_file is not None)
     return LearnReport.from_record(record, seconds=time.perf_counter() - started)
 
 
-def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings, feedback_info=None) -> dict:
+def describe_feedback(info: dict) -> str:
+    """The feedback a learn used, in one line: rows, what trained, contradictions, by whom."""
+    contradictions = info["contradictions"]
+    sources = ", ".join(f"{tally['examples']} {source}" for source, tally in info["by_source"].items())
+    credentials = ", ".join(f"{tally['examples']} from {name}" for name, tally in info["by_credential"].items())
+    line = (f"{info['rows']} stored row(s) up to id {info['up_to_id']}: {info['examples']} text(s), newest label "
+            f"each ({sources or 'none'}; {credentials or 'none'}); trained on {info['trained_on']} "
+            f"({info['evaluation_texts_not_trained']} evaluation text(s) never train); {contradictions['total']} "
+            f"contradict a label of the training file ({contradictions['training_file']}) or of an evaluation set "
+            f"({contradictions['evaluation']})")
+    return line + (f": {describe_contradictions(info)}" if contradictions["total"] else "")
+
+
+def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settings, feedback_info=None,
+                  vetted_against=None, gate_on_evaluation=False) -> dict:
     base, parent = starting_point(from_tag, settings)
+    if feedback_info is not None and (parent.tag if parent else None) != vetted_against:
+        raise CTTError(f"another run registered {parent.tag if parent else '-'} while this one waited; the feedback "
+                       f"was checked against {vetted_against or 'an empty store'}: run it again")
     replaced = task_name in base.task_names
     if not replaced and len(base.tasks) >= base.max_tasks:
         raise CTTError(f"cannot add task {task_name!r}: the model already holds {len(base.tasks)} "
@@ -224,6 +258,20 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
     if measured[task_name] < settings.min_accuracy:
         raise CTTError(f"refusing to register: task {task_name!r} scored {measured[task_name]:.4f}, "
                        f"below --min-accuracy {settings.min_accuracy}")
+    gate = None
+    if replaced:
+        # The relearned task has a floor too: the parent's module, on the same evaluation examples.
+        gate_sets = {"parent": stored_eval_set(parent, task_name)}
+        if gate_on_evaluation:  # the new --eval file (the held-out slice already chose the epoch)
+            gate_sets["eval"] = evaluation
+        gate = {**relearned_task_gate(base, model, task_name, gate_sets, settings.relearn_z),
+                "allowed": settings.allow_relabel}
+        if gate["clearly_worse"] and not settings.allow_relabel:
+            raise CTTError(f"refusing to register: relearned task {task_name!r} is clearly worse than {parent.tag}'s "
+                           f"module: {describe_gate(gate)}; --allow-relabel registers a deliberate relabelling")
+        if gate["clearly_worse"]:
+            _say(settings, f"relearned task {task_name!r} is clearly worse than the parent's module "
+                           f"({describe_gate(gate)}); registered anyway: --allow-relabel")
 
     matrix = copy.deepcopy(parent_record.get("accuracy_matrix", {"tasks": [], "rows": []}))
     matrix["tasks"] = model.task_names
@@ -249,6 +297,8 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
     }
     if feedback_info is not None:
         record["feedback"] = feedback_info  # which stored rows (up to which id) this version learned
+    if gate is not None:
+        record["relearn_gate"] = gate  # the relearned task against the parent's module, and any override
 
     def write_record(folder: Path, tag: str) -> None:
         record["tag"] = tag

@@ -35,6 +35,15 @@ class LearnSettings:
     max_eval_examples: int = 1000  # evaluation set kept with the version, stratified
     max_forgetting: float = 0.0
     min_accuracy: float = 0.0
+    # The gate on a relearned task (training/gate.py): refused when the parent's module is right on
+    # more of the evaluation examples the two classify differently by over this many standard
+    # deviations (a sign test, as the recipe's). Honest relearns move by an example or two.
+    relearn_z: float = 2.0
+    allow_relabel: bool = False  # register a relearned task even when clearly worse (a deliberate relabelling)
+    # ctt learn --feedback: the largest share of feedback examples that may give a text another label
+    # than the training file or an evaluation set (training/feedback.py vet_feedback), and its override.
+    max_feedback_contradictions: float = 0.2
+    allow_contradictions: bool = False
     backbone: str | None = None  # only for a model started from the bare backbone
     max_length: int = DEFAULT_MAX_LENGTH  # only for a model started from the bare backbone
     stage: str = "development"
@@ -58,6 +67,10 @@ class LearnSettings:
             raise CTTError("--warmup must be in [0, 1) and --vector-pull at least 0")
         if not 0.0 <= self.max_forgetting <= 1.0 or not 0.0 <= self.min_accuracy <= 1.0:
             raise CTTError("--max-forgetting and --min-accuracy are fractions between 0 and 1")
+        if not 0.0 <= self.max_feedback_contradictions <= 1.0:
+            raise CTTError("--max-feedback-contradictions is a fraction between 0 and 1")
+        if self.relearn_z <= 0:
+            raise CTTError("the relearned task's sign-test threshold (relearn_z) must be positive")
         if self.max_length < 8:
             raise CTTError("--max-length must be at least 8 tokens")
 

@@ -1,7 +1,8 @@
 """The HTTP side of feedback: the ``POST /feedback`` request schema (checked against the served
 version's tasks and labels while the body is parsed, so a bad item is a 400 naming it and nothing
-of that request is stored), the ``GET /feedback/stats`` document, and the Prometheus series the
-live-accuracy alert reads."""
+of that request is stored; a value no supported database can store, such as a NUL character,
+is refused on every database, so a row accepted in development is storable in production), the
+``GET /feedback/stats`` document, and the Prometheus series the live-accuracy alert reads."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from model.errors import CTTError
 from model.feedback.database import FeedbackItem, utc_now
-from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS
+from model.feedback.schema import DEFAULT_SOURCE, KEY_MAX_CHARS, SOURCES, TASK_MAX_CHARS, storable_problem
 from model.serving.schemas import VISIBLE_PATTERN, text_problem
 
+# What the OpenAPI document says of every stored string: no NUL character (schema.py's
+# storable_problem is the rule; this states it). "not" of a string that contains one, so null passes.
+STORABLE_SCHEMA = {"not": {"type": "string", "pattern": "\\u0000"}}
 FEEDBACK_PATH = "/feedback"
 FEEDBACK_STATS_PATH = "/feedback/stats"
 # What GET /feedback/stats?since= takes: an age back from now (ISO times are for the CLI). Five
@@ -80,10 +84,20 @@ class _FeedbackItemBase(BaseModel):
     source: Literal[SOURCES] = Field(DEFAULT_SOURCE, description=(  # type: ignore[valid-type]
         "`review`: a sampled prediction checked by a reviewer (unbiased, drives the live-accuracy "
         "alert); `correction`: a user fixing a wrong answer (biased towards errors)."))
-    request_id: str | None = Field(None, max_length=KEY_MAX_CHARS,
+    request_id: str | None = Field(None, max_length=KEY_MAX_CHARS, json_schema_extra=STORABLE_SCHEMA,
                                    description="The /classify request this feedback is about.")
-    id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, description=(
-        "Your unique id for this row: sending it again (a retry) stores nothing new."))
+    id: str | None = Field(None, min_length=1, max_length=KEY_MAX_CHARS, json_schema_extra=STORABLE_SCHEMA,
+                           description=(
+        "Your unique id for this row: sending it again (a retry, the same content) stores nothing new; "
+        "the same id with different content is a 409 and nothing of the request is stored."))
+
+    @field_validator("request_id", "id")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        problem = storable_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     def to_item(self) -> FeedbackItem:
         return FeedbackItem(text=self.text, task=self.task, label=self.label,  # type: ignore[attr-defined]
@@ -105,13 +119,14 @@ def feedback_request_model(task_labels: Mapping[str, Sequence[str]], max_items: 
     task or a label of another task is a 400 naming the item while the body is parsed."""
 
     def text_rule(text: str) -> str:
-        problem = text_problem(text, max_text_chars)
+        problem = text_problem(text, max_text_chars) or storable_problem(text)
         if problem:
             raise ValueError(problem)
         return text
 
-    text_field = (str, Field(description="The text that was classified.",
-                             json_schema_extra={"pattern": VISIBLE_PATTERN, "minLength": 1,
+    text_field = (str, Field(description="The text that was classified (no NUL characters: not every "
+                                         "supported database can store them).",
+                             json_schema_extra={"pattern": VISIBLE_PATTERN, **STORABLE_SCHEMA, "minLength": 1,
                                                 "maxLength": max_text_chars}))
     validators = {"text_present_and_bounded": field_validator("text")(text_rule)}
     if not task_labels:
@@ -156,25 +171,44 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="seconds") + "Z" if moment else None
 
 
-def stats_document(rows: list[dict], version: str, version_accuracy: Mapping[str, float],
-                   since: datetime | None) -> dict:
-    """``GET /feedback/stats``: per task, rows by source, agreement of the served predictions with
-    the feedback labels, and the accuracy the version measured when it was registered."""
-    tasks: dict[str, dict] = {}
+def _sources(rows: list[dict]) -> dict:
+    sources: dict[str, dict] = {}
     for row in rows:
-        task = tasks.setdefault(row["task"], {
-            "task": row["task"], "rows": 0, "first": None, "last": None,
-            "version_accuracy": version_accuracy.get(row["task"]), "sources": {}})
-        task["rows"] += row["rows"]
-        task["first"] = min(filter(None, (task["first"], row["first"])))
-        task["last"] = max(filter(None, (task["last"], row["last"])))
-        task["sources"][row["source"]] = {
-            "rows": row["rows"], "with_prediction": int(row["with_prediction"] or 0),
-            "agreed": int(row["agreed"] or 0),
-            "agreement": agreement(int(row["agreed"] or 0), int(row["with_prediction"] or 0))}
-    for task in tasks.values():
-        task["first"], task["last"] = _iso(task["first"]), _iso(task["last"])
-    return {"version": version, "since": _iso(since), "tasks": list(tasks.values())}
+        source = sources.setdefault(row["source"], {"rows": 0, "with_prediction": 0, "agreed": 0})
+        for name in ("rows", "with_prediction", "agreed"):
+            source[name] += int(row[name] or 0)
+    for source in sources.values():
+        source["agreement"] = agreement(source["agreed"], source["with_prediction"])
+    return dict(sorted(sources.items()))
+
+
+def _span(rows: list[dict]) -> dict:
+    return {"rows": sum(int(row["rows"]) for row in rows),
+            "first": _iso(min(row["first"] for row in rows)), "last": _iso(max(row["last"] for row in rows))}
+
+
+def stats_document(rows: list[dict], version: str, version_accuracy: Mapping[str, float],
+                   since: datetime | None, granularity_s: float | None = None) -> dict:
+    """``GET /feedback/stats``: per task, rows by source over every served version, the same per
+    version (``versions``: the served one first, then by newest row; ``version`` null for rows
+    stored without one), and
+    the accuracy the served version measured when it was registered. ``since`` is where the
+    window starts, ``granularity_s`` how finely windows are cut (they start on a whole hour)."""
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    tasks = []
+    for task, task_rows in sorted(by_task.items()):
+        by_version: dict[str | None, list[dict]] = {}
+        for row in task_rows:
+            by_version.setdefault(row.get("model_tag"), []).append(row)
+        versions = [{"version": tag, "served": tag == version, **_span(version_rows), "sources": _sources(version_rows)}
+                    for tag, version_rows in by_version.items()]
+        versions.sort(key=lambda entry: entry["last"] or "", reverse=True)
+        versions.sort(key=lambda entry: not entry["served"])  # the served version first
+        tasks.append({"task": task, **_span(task_rows), "version_accuracy": version_accuracy.get(task),
+                      "sources": _sources(task_rows), "versions": versions})
+    return {"version": version, "since": _iso(since), "granularity_s": granularity_s, "tasks": tasks}
 
 
 class FeedbackMetrics:

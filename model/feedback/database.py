@@ -5,12 +5,16 @@ Every write is one transaction: when ``add`` returns, the rows are committed (SQ
 ``synchronous=FULL``, PostgreSQL with its default synchronous commit), so an answer of 200 is
 never lost by a crash. Every row carries a unique key (the client's id or one made here), and
 rows are inserted with "on conflict do nothing", so a retry, the client's or ours after a dropped
-connection, never stores a row twice.
+connection, never stores a row twice; an id already stored with other content refuses the whole
+request (``FeedbackConflict``). The counts that stats read change in the same transaction as the
+rows (model/feedback/counts.py).
 
-A database that is down or unreachable is ``FeedbackUnavailable`` after a bounded wait (connect
-and statement timeouts, a few retries); the caller answers 503 and goes on serving everything
-else. Migrations run on first use, once, under a lock that every worker and replica shares: a
-PostgreSQL advisory lock, or a file lock beside the SQLite file.
+Every failure of the database, whatever it is (unreachable, a dropped connection, a timeout, no
+free pooled connection, a statement it refuses), is ``FeedbackUnavailable`` after a bounded wait
+and a few retries of what is worth retrying, logged as one line that names the kind of failure
+and never the statement's parameters (they hold users' text); the caller answers 503 and goes on
+serving everything else. Migrations run on first use, once, under a lock that every worker and
+replica shares: a PostgreSQL advisory lock, or a file lock beside the SQLite file.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, TypeVar
 
-from sqlalchemy import Engine, and_, case, create_engine, delete, event, func, select, text
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from model.errors import CTTError
-from model.feedback.schema import DEFAULT_SOURCE, SERVER_KEY_PREFIX, FeedbackRow, feedback_table
+from model.feedback import counts
+from model.feedback.schema import (DEFAULT_SOURCE, KEY_MAX_CHARS, PRINCIPAL_MAX_CHARS,
+                                   SERVER_KEY_PREFIX, SOURCES, TASK_MAX_CHARS, FeedbackRow, feedback_table,
+                                   storable_problem)
 
 logger = logging.getLogger("ctt")
 T = TypeVar("T")
@@ -39,10 +47,33 @@ SQLITE_FILE = "feedback.sqlite3"
 # pg_advisory_lock takes a 64-bit key; any fixed number works as long as only CTT's migrations use it.
 MIGRATION_LOCK_KEY = 0x0C77_FEED_BAC4
 SUPPORTED = "postgresql+psycopg://user:password@host:5432/database or sqlite:////absolute/path.sqlite3"
+# Prune and purge delete in chunks of this many rows, each one transaction with its counts: a
+# large delete never holds locks (or the rows it returns) all at once.
+DELETE_CHUNK = 5000
 
 
 class FeedbackUnavailable(CTTError):
-    """The database cannot be reached (or timed out) now: retry later."""
+    """The database failed (unreachable, timed out, out of pooled connections, or refused the
+    statement): retry later. The message names the kind of failure, never users' text."""
+
+
+class FeedbackConflict(CTTError):
+    """An id is already stored (or repeated in the request) with different content: nothing of
+    the request is stored. ``ids`` are the ids, ``items`` their positions in the request."""
+
+    def __init__(self, message: str, ids: list[str], items: list[int]):
+        super().__init__(message)
+        self.ids = ids
+        self.items = items
+
+
+class FeedbackInvalid(CTTError):
+    """Items no supported database can store (the request schema refuses them first; this is the
+    last guard for other callers). ``problems`` are ``(loc, message)`` pairs, loc as in a 400."""
+
+    def __init__(self, problems: list[tuple[list, str]]):
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {message}" for loc, message in problems))
+        self.problems = problems
 
 
 def utc_now() -> datetime:
@@ -112,6 +143,10 @@ class FeedbackItem:
     request_id: str | None = None
     id: str | None = None  # the client's id: unique; a retry with the same id adds nothing
 
+    def content(self) -> tuple:
+        """What a retry must repeat exactly for its id to count as the same row."""
+        return (self.task, self.text, self.label, self.prediction, self.source, self.request_id)
+
 
 @dataclass(frozen=True)
 class AddResult:
@@ -119,9 +154,97 @@ class AddResult:
     already_stored: int  # items whose id was stored before (retries)
 
 
-def _transient(exc: DBAPIError) -> bool:
-    """Worth retrying: the server is gone, the connection dropped, a lock or timeout."""
-    return isinstance(exc, (OperationalError, InterfaceError)) or bool(exc.connection_invalidated)
+# The last guard before a row reaches the database: what the request schema refuses first.
+_BOUNDED = {"task": TASK_MAX_CHARS, "id": KEY_MAX_CHARS, "request_id": KEY_MAX_CHARS}
+
+
+def item_problems(items: list[FeedbackItem]) -> list[tuple[list, str]]:
+    """Why items cannot be stored the same way in every supported database (``(loc, message)``)."""
+    problems = []
+    for index, item in enumerate(items):
+        for name in ("text", "task", "label", "prediction", "source", "request_id", "id"):
+            value = getattr(item, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                problems.append((["items", index, name], "must be a string"))
+                continue
+            problem = storable_problem(value)
+            if problem:
+                problems.append((["items", index, name], problem))
+            elif name in _BOUNDED and len(value) > _BOUNDED[name]:
+                problems.append((["items", index, name], f"has {len(value)} characters; the limit is {_BOUNDED[name]}"))
+        if item.source not in SOURCES:
+            problems.append((["items", index, "source"], f"must be one of {', '.join(SOURCES)}"))
+    return problems
+
+
+def _repeated_ids(items: list[FeedbackItem]) -> None:
+    """An id repeated within one request with different content: refused like a stored one."""
+    first: dict[str, int] = {}
+    clashes: list[int] = []
+    for index, item in enumerate(items):
+        if item.id is None:
+            continue
+        if item.id in first and items[first[item.id]].content() != item.content():
+            clashes += [first[item.id], index]
+        first.setdefault(item.id, index)
+    if clashes:
+        ids = list(dict.fromkeys(items[i].id for i in clashes))
+        raise FeedbackConflict(f"items {', '.join(map(str, sorted(set(clashes))))} repeat "
+                               f"{'id' if len(ids) == 1 else 'ids'} {', '.join(map(repr, ids))} with different "
+                               "content; nothing was stored", ids, sorted(set(clashes)))
+
+
+EVERY_CREDENTIAL = object()  # FeedbackDatabase.credentials(): every credential's rows
+
+
+def _sent_by(principal: str | None):
+    column = feedback_table.c.principal
+    return column.is_(None) if principal is None else column == principal
+
+
+def storable_principal(principal: str) -> str:
+    """A credential's id as a row records it: as given when it fits and every database can store
+    it, else a readable prefix and a digest of the whole id (still one value per credential)."""
+    if len(principal) <= PRINCIPAL_MAX_CHARS and storable_problem(principal) is None:
+        return principal
+    import hashlib
+
+    digest = hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    readable = "".join(c if storable_problem(c) is None else "?" for c in principal[:PRINCIPAL_MAX_CHARS - 40])
+    return f"{readable}…sha256:{digest}"
+
+
+def _failure(exc: BaseException, timeout_s: float) -> tuple[str, bool]:
+    """What kind of failure ``exc`` is, in words a client may read, and whether a retry may help.
+    Never the exception's text: SQLAlchemy's holds the statement's parameters (users' text)."""
+    if isinstance(exc, PoolTimeout):
+        return f"no free database connection within {timeout_s:g} s", False
+    if isinstance(exc, DBAPIError):
+        state = getattr(exc.orig, "sqlstate", None) or ""
+        sqlite_error = getattr(exc.orig, "sqlite_errorname", "") or ""
+        if exc.connection_invalidated or isinstance(exc, InterfaceError) or state.startswith("08") or state == "57P01":
+            return "the connection failed or was lost", True
+        if state in ("57014", "55P03") or sqlite_error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return "a statement or lock timed out", True
+        if state in ("40001", "40P01"):
+            return "a concurrent transaction conflicted", True
+        if isinstance(exc, OperationalError):
+            # PostgreSQL's operational errors are the server's state (shutting down, out of
+            # resources); SQLite's other ones are the file's (full disk, I/O), which a retry
+            # a moment later does not mend.
+            return "the database could not run the statement", not sqlite_error
+        return "the database refused the statement", False
+    return "the database failed", False
+
+
+def _failure_detail(exc: BaseException) -> str:
+    """Exception classes and error codes for the log: enough to diagnose, no values."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None)
+        return f"{type(exc).__name__}/{type(exc.orig).__name__}" + (f" {code}" if code else "")
+    return type(exc).__name__
 
 
 class FeedbackDatabase:
@@ -134,6 +257,7 @@ class FeedbackDatabase:
         # The pool's connections and as many again in overflow: how many calls can use it at once.
         self.max_connections = 2 * pool_size
         self.engine = self._engine(url, timeout_s, pool_size)
+        self.clock: Callable[[], datetime] = utc_now  # when rows are stored (tests set other times)
         self._migrated = False
         self._migrate_lock = threading.Lock()
 
@@ -175,21 +299,36 @@ class FeedbackDatabase:
         self.engine.dispose()
 
     # ----- migrations ---------------------------------------------------------------------
-    def migrate(self) -> str:
-        """Bring the schema to the newest migration, under the lock every worker and replica
-        shares (so two never race), and return the revision. A no-op when already there."""
+    def migrate(self, revision: str = "head") -> str:
+        """Bring the schema to ``revision`` (the newest by default), under the lock every worker
+        and replica shares (so two never race), and return the database's revision. A no-op when
+        already there. A database a newer release migrated further is used as it is: migrations
+        only add, so this release still works with it (a rollback must not lose feedback)."""
         from alembic import command
         from alembic.config import Config
+        from alembic.migration import MigrationContext
         from alembic.script import ScriptDirectory
+        from alembic.util.exc import CommandError
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        head = ScriptDirectory.from_config(config).get_current_head()
+        scripts = ScriptDirectory.from_config(config)
 
-        def upgrade(connection: Connection) -> None:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+        def upgrade(connection: Connection) -> str:
+            current = MigrationContext.configure(
+                connection, opts={"version_table": "ctt_alembic_version"}).get_current_revision()
             connection.commit()
+            try:
+                scripts.get_revision(current)
+            except CommandError:
+                logger.warning(f"feedback database {self.public_url} is at migration {current}, newer than this "
+                               f"release knows ({scripts.get_current_head()}): using it as it is")
+                return current
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+            connection.commit()
+            return MigrationContext.configure(
+                connection, opts={"version_table": "ctt_alembic_version"}).get_current_revision()
 
         if is_sqlite(self.url):
             from filelock import FileLock
@@ -197,19 +336,21 @@ class FeedbackDatabase:
             lock_path = Path(make_url(self.url).database + ".migrate.lock")
             with FileLock(str(lock_path), timeout=max(60.0, self.timeout_s)):
                 with self.engine.connect() as connection:
-                    upgrade(connection)
-        else:
-            with self.engine.connect() as connection:
-                # Session-level: held across the migration's own transactions, released by
-                # unlock, or by the server when this connection dies.
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    return upgrade(connection)
+        with self.engine.connect() as connection:
+            # Session-level: held across the migration's own transactions, released by unlock,
+            # or by the server when this connection dies. A migration that fills a table from a
+            # large one may take longer than a request's statement timeout.
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.execute(text("SET statement_timeout = 0"))
+            connection.commit()
+            try:
+                return upgrade(connection)
+            finally:
+                connection.rollback()
+                connection.execute(text("RESET statement_timeout"))
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 connection.commit()
-                try:
-                    upgrade(connection)
-                finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
-                    connection.commit()
-        return head
 
     def revision(self) -> str | None:
         with self.engine.connect() as connection:
@@ -218,86 +359,176 @@ class FeedbackDatabase:
             except DBAPIError:
                 return None
 
-    def _ensure_migrated(self) -> None:
+    def ensure_migrated(self) -> None:
+        """Migrate once per process; any failure is FeedbackUnavailable (logged as one line)."""
         if self._migrated:
             return
         with self._migrate_lock:
-            if not self._migrated:
+            if self._migrated:
+                return
+            try:
                 revision = self.migrate()
-                logger.info(f"feedback database {self.public_url} at migration {revision}")
-                self._migrated = True
+            except (SQLAlchemyError, OSError) as exc:
+                self._unavailable("migrating", exc, 1)
+            except Exception as exc:  # alembic's own errors: the schema cannot be brought up to date
+                logger.warning(f"feedback database {self.public_url}: migrating failed: {type(exc).__name__}")
+                raise FeedbackUnavailable("the feedback database is unavailable (its schema could not be "
+                                          "brought up to date)") from None
+            logger.info(f"feedback database {self.public_url} at migration {revision}")
+            self._migrated = True
 
-    def _run(self, operation: Callable[[Connection], T]) -> T:
+    def _unavailable(self, what: str, exc: BaseException, attempts: int):
+        reason, _ = _failure(exc, self.timeout_s)
+        logger.warning(f"feedback database {self.public_url}: {what} failed after {attempts} attempt(s): "
+                       f"{reason} ({_failure_detail(exc)})")
+        raise FeedbackUnavailable(f"the feedback database is unavailable ({reason})") from None
+
+    def _run(self, operation: Callable[[Connection], T], what: str = "a statement") -> T:
         """``operation`` in one transaction, committed before this returns; retried when the
-        connection dropped or the server was briefly unreachable (every write is idempotent)."""
+        connection dropped, the server was briefly unreachable or a lock timed out (every write
+        is idempotent). Any database failure ends as FeedbackUnavailable, logged once."""
         delay = 0.1
         for attempt in range(1, self.attempts + 1):
+            self.ensure_migrated()
             try:
-                self._ensure_migrated()
                 with self.engine.begin() as connection:
                     return operation(connection)
-            except DBAPIError as exc:
-                if not _transient(exc):
-                    raise
-                if attempt == self.attempts:
-                    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-                    raise FeedbackUnavailable(f"the feedback database is unavailable ({reason[:200]})") from None
+            except (SQLAlchemyError, OSError) as exc:
+                _, worth_retrying = _failure(exc, self.timeout_s)
+                if not worth_retrying or attempt == self.attempts:
+                    self._unavailable(what, exc, attempt)
                 time.sleep(delay)
                 delay *= 3
         raise AssertionError("unreachable")
 
     # ----- writes -------------------------------------------------------------------------
-    def add(self, items: Iterable[FeedbackItem], model_tag: str | None = None) -> AddResult:
-        """Store ``items`` in one transaction (all or none). Items whose id is already stored,
-        or repeated within ``items``, are counted in ``already_stored`` and not stored again."""
+    def add(self, items: Iterable[FeedbackItem], model_tag: str | None = None,
+            principal: str | None = None) -> AddResult:
+        """Store ``items`` in one transaction (all or none), recording ``principal`` (a
+        credential's id) on each row. Items whose id is already stored with the same content, or
+        repeated within ``items``, are counted in ``already_stored`` and not stored again; an id
+        stored (or repeated) with different content raises FeedbackConflict and stores nothing."""
         items = list(items)
         if not items:
             return AddResult([], 0)
-        now = utc_now()
+        problems = item_problems(items)
+        if problems:
+            raise FeedbackInvalid(problems)
+        _repeated_ids(items)
+        principal = storable_principal(principal) if principal is not None else None
+        now = self.clock()
         # Keys are made once, before the first attempt, so a retry inserts the same keys.
         keys = [item.id if item.id is not None else f"{SERVER_KEY_PREFIX}{uuid.uuid4().hex}" for item in items]
-        rows = [{"key": key, "task": item.task, "text": item.text, "label": item.label,
-                 "prediction": item.prediction, "source": item.source, "request_id": item.request_id,
-                 "model_tag": model_tag, "created_at": now} for key, item in zip(keys, items)]
+        first_of: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            first_of.setdefault(key, index)
+        # In request order, so ids (and the newest label of a text) follow it. Two requests with
+        # the same client ids in other orders can deadlock on PostgreSQL: it aborts one, retried.
+        rows = [{"key": key, "task": items[index].task, "text": items[index].text, "label": items[index].label,
+                 "prediction": items[index].prediction, "source": items[index].source,
+                 "request_id": items[index].request_id, "model_tag": model_tag or None, "created_at": now,
+                 "principal": principal} for key, index in first_of.items()]
 
         def insert(connection: Connection) -> set[str]:
             if is_sqlite(self.url):
                 from sqlalchemy.dialects.sqlite import insert as dialect_insert
             else:
                 from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            statement = (dialect_insert(feedback_table).values(rows)
-                         .on_conflict_do_nothing(index_elements=["key"]).returning(feedback_table.c.key))
-            return set(connection.execute(statement).scalars())
+            statement = (dialect_insert(feedback_table).on_conflict_do_nothing(index_elements=["key"])
+                         .returning(feedback_table.c.key))
+            # The rows as parameters, not in the statement: it compiles once (SQLAlchemy sends
+            # them as one multi-row insert).
+            inserted = set(connection.execute(statement, rows).scalars())
+            self._refuse_changed_content(connection, [k for k in first_of if k not in inserted], items, first_of)
+            counts.add_counts(connection, [counts.CountedRow(r["task"], r["model_tag"], r["source"], now,
+                                                             r["prediction"], r["label"])
+                                           for r in rows if r["key"] in inserted])
+            return inserted
 
-        inserted = self._run(insert)
-        stored, seen = [], set()
-        for key, item in zip(keys, items):
-            if key in inserted and key not in seen:
-                stored.append(item)
-            seen.add(key)
+        inserted = self._run(insert, "storing feedback")
+        stored = [items[index] for index in sorted(index for key, index in first_of.items() if key in inserted)]
         return AddResult(stored, len(items) - len(stored))
+
+    @staticmethod
+    def _refuse_changed_content(connection: Connection, keys: list[str], items: list[FeedbackItem],
+                                first_of: dict[str, int]) -> None:
+        if not keys:
+            return
+        table = feedback_table.c
+        stored = connection.execute(select(table.key, table.task, table.text, table.label, table.prediction,
+                                           table.source, table.request_id).where(table.key.in_(keys))).all()
+        changed = sorted(first_of[row.key] for row in stored if tuple(row[1:]) != items[first_of[row.key]].content())
+        if changed:
+            ids = [items[index].id for index in changed]
+            one = len(changed) == 1
+            raise FeedbackConflict(
+                f"{'item' if one else 'items'} {', '.join(map(str, changed))}: {'id' if one else 'ids'} "
+                f"{', '.join(map(repr, ids))} {'is' if one else 'are'} already stored with different content; "
+                "nothing was stored (a retry repeats a row exactly; a new row needs a new id)", ids, changed)
+
+    def _delete(self, where, what: str) -> int:
+        """Delete the rows ``where`` selects, in chunks, each chunk's counts subtracted in its own
+        transaction; returns how many rows were deleted."""
+        table = feedback_table.c
+        deleted = 0
+
+        def chunk(connection: Connection) -> int:
+            ids = select(table.id).where(where).order_by(table.id).limit(DELETE_CHUNK).scalar_subquery()
+            gone = connection.execute(delete(feedback_table).where(table.id.in_(ids)).returning(
+                table.task, table.model_tag, table.source, table.created_at, table.prediction, table.label)).all()
+            counts.subtract_counts(connection, [counts.CountedRow(*row) for row in gone])
+            return len(gone)
+
+        while True:
+            done = self._run(chunk, what)
+            deleted += done
+            if done < DELETE_CHUNK:
+                return deleted
 
     def prune(self, older_than: timedelta) -> int:
         """Delete rows stored more than ``older_than`` ago; returns how many."""
-        cutoff = utc_now() - older_than
+        return self.prune_before(self.clock() - older_than)
+
+    def prune_before(self, cutoff: datetime) -> int:
+        """Delete rows stored before ``cutoff`` (UTC, no zone); returns how many."""
+        return self._delete(feedback_table.c.created_at < cutoff, "pruning feedback")
+
+    def count_before(self, cutoff: datetime) -> int:
+        """How many rows were stored before ``cutoff``: what ``prune_before`` would delete. Exact,
+        from the rows (stats' windows are whole hours)."""
         return self._run(lambda connection: connection.execute(
-            delete(feedback_table).where(feedback_table.c.created_at < cutoff)).rowcount)
+            select(func.count()).select_from(feedback_table).where(feedback_table.c.created_at < cutoff)).scalar(),
+            "counting feedback")
+
+    def purge(self, principal: str | None) -> int:
+        """Delete every row ``principal`` (a credential's id, as listed by ``credentials``; None:
+        the rows stored before credentials were recorded) sent; returns how many."""
+        return self._delete(_sent_by(principal), "purging a credential's feedback")
+
+    def recount(self) -> int:
+        """Rebuild the counts stats read from the rows (a full scan); returns the buckets written."""
+        return self._run(counts.recount, "recounting feedback")
 
     # ----- reads --------------------------------------------------------------------------
     def stats(self, since: datetime | None = None) -> list[dict]:
-        """Per task and source: rows, rows with a served prediction, how many of those the
-        feedback label agreed with, first and last row time."""
-        table = feedback_table
-        has_prediction = table.c.prediction.is_not(None)
-        agreed = and_(has_prediction, table.c.prediction == table.c.label)
-        query = (select(table.c.task, table.c.source, func.count().label("rows"),
-                        func.sum(case((has_prediction, 1), else_=0)).label("with_prediction"),
-                        func.sum(case((agreed, 1), else_=0)).label("agreed"),
-                        func.min(table.c.created_at).label("first"), func.max(table.c.created_at).label("last"))
-                 .group_by(table.c.task, table.c.source).order_by(table.c.task, table.c.source))
-        if since is not None:
-            query = query.where(table.c.created_at >= since)
-        return [dict(row._mapping) for row in self._run(lambda connection: connection.execute(query).all())]
+        """Per task, served version (``model_tag``) and source: rows, rows with a served prediction,
+        how many of those the feedback label agreed with, first and last row time. Read from the
+        counts, never the rows: all time, or whole hours from ``counts.window_start(since)``."""
+        return self._run(lambda connection: counts.read_counts(connection, since), "reading feedback stats")
+
+    def credentials(self, principal: str | None | object = EVERY_CREDENTIAL) -> list[dict]:
+        """Per credential (``principal``; None for rows stored before credentials were recorded),
+        task and source: rows, first and last row time; every credential's, or the one given.
+        Reads the rows: an operator's command."""
+        table = feedback_table.c
+        query = (select(table.principal, table.task, table.source, func.count().label("rows"),
+                        func.min(table.created_at).label("first"), func.max(table.created_at).label("last"))
+                 .group_by(table.principal, table.task, table.source)
+                 .order_by(table.principal, table.task, table.source))
+        if principal is not EVERY_CREDENTIAL:
+            query = query.where(_sent_by(principal))
+        return [dict(row._mapping) for row in self._run(lambda connection: connection.execute(query).all(),
+                                                         "listing credentials")]
 
     def rows(self, task: str, since: datetime | None = None, up_to_id: int | None = None) -> list[FeedbackRow]:
         """Every row of ``task`` in the order stored (oldest first)."""
@@ -315,7 +546,7 @@ class FeedbackDatabase:
                 session.expunge_all()
                 return rows
 
-        return self._run(read)
+        return self._run(read, "reading feedback")
 
     def count(self) -> int:
         return self._run(lambda connection: connection.execute(select(func.count()).select_from(feedback_table)).scalar())
@@ -335,5 +566,6 @@ def open_database(configured_url: str | None, data_dir: Path, timeout_s: float =
     return FeedbackDatabase(database_url(configured_url, data_dir), timeout_s=timeout_s)
 
 
-__all__ = ["AddResult", "FeedbackDatabase", "FeedbackItem", "FeedbackUnavailable", "data_dir_for", "database_url",
-           "default_data_dir", "latest_labels", "normalise_url", "open_database", "redact", "utc_now"]
+__all__ = ["AddResult", "FeedbackConflict", "FeedbackDatabase", "FeedbackInvalid", "FeedbackItem",
+           "FeedbackUnavailable", "data_dir_for", "database_url", "default_data_dir", "item_problems",
+           "latest_labels", "normalise_url", "open_database", "redact", "storable_principal", "utc_now"]

@@ -214,6 +214,15 @@ class SourceStats(BaseModel):
     agreement: float | None
 
 
+class VersionFeedbackStats(BaseModel):
+    version: str | None = Field(description="The version that served the predictions (null: stored without one).")
+    served: bool = Field(description="Whether this is the version serving now.")
+    rows: int
+    first: str | None
+    last: str | None
+    sources: dict[str, SourceStats]
+
+
 class TaskFeedbackStats(BaseModel):
     task: str
     rows: int
@@ -221,9 +230,12 @@ class TaskFeedbackStats(BaseModel):
     last: str | None
     version_accuracy: float | None
     sources: dict[str, SourceStats]
+    versions: list[VersionFeedbackStats] = Field(default_factory=list, description=(
+        "The same per version that served the predictions, the served one first."))
 
 
 class FeedbackStats(BaseModel):
     version: str
-    since: str | None
+    since: str | None = Field(description="Where the window starts: on a whole hour at or before the asked moment.")
+    granularity_s: float | None = Field(None, description="How finely windows are cut (they start on a whole hour).")
     tasks: list[TaskFeedbackStats]

@@ -1,5 +1,5 @@
-"""A real PostgreSQL server for tests: Debian's binaries (`make tools` installs them), a cluster
-in a temporary folder, started and stopped around the tests that use it.
+"""A real PostgreSQL server for tests and benchmarks: Debian's binaries (`make tools` installs
+them), a cluster in a temporary folder, started and stopped around the tests that use it.
 
 PostgreSQL refuses to run as root and CI runs as root, so then the cluster belongs to an
 unprivileged user (``nobody``) and every server command runs as that user through ``runuser``."""
@@ -68,9 +68,11 @@ class PostgresServer:
         self.stop()
         shutil.rmtree(self.folder.parent, ignore_errors=True)
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """A new database (a copy of ``template`` when given: it must have no connections)."""
+        copy_of = f' TEMPLATE "{template}"' if template else ""
         self._run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                  "-c", f'CREATE DATABASE "{name}"')
+                  "-c", f'CREATE DATABASE "{name}"{copy_of}')
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
 
