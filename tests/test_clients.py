@@ -16,6 +16,8 @@ from tests.conftest import QUESTION_ROWS, TOPIC_ROWS, micro_model
 from tests.serving import bentoml_serve
 
 API_KEY = "client-key-" + uuid.uuid4().hex
+READER_KEY = "reader-key-" + uuid.uuid4().hex
+REVIEWER_KEY = "reviewer-key-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,8 @@ def model_name(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secured(model_name, tmp_path_factory):
-    keys = f"{API_KEY} id=client-test permissions=classify,feedback"
+    keys = (f"{API_KEY} id=client-test permissions=classify,feedback\n{READER_KEY} id=reader permissions=classify\n"
+            f"{REVIEWER_KEY} id=reviewers permissions=classify,feedback,review")
     env = {"CTT_MODEL_NAME": model_name, "ENVIRONMENT": "test", "API_KEY": keys, "JWT_SECRET": "",
            "CTT_DATA_DIR": str(tmp_path_factory.mktemp("clients-feedback"))}
     with bentoml_serve(env=env) as url:
@@ -54,6 +57,26 @@ def test_the_sync_client_calls_every_api_with_the_services_credentials(secured):
         with pytest.raises(BentoMLException) as refused:
             anonymous.tasks()
         assert refused.value.error_code == 401
+
+
+def test_each_credential_may_do_what_its_permissions_say(secured):
+    """An ordinary key could relabel evaluation texts as trusted reviews (issue 20's poisoning):
+    now reviews need the review permission, corrections the feedback permission."""
+    review = {"text": "the striker scored", "task": "topic", "label": "money", "source": "review"}
+
+    def post(key: str, items: list[dict]) -> httpx.Response:
+        return httpx.post(f"{secured}/feedback", json={"items": items}, headers={"X-API-Key": key}, timeout=30)
+
+    refused = post(API_KEY, [{"text": "goal", "task": "topic", "label": "sport"}, review])
+    assert refused.status_code == 403 and "'review'" in refused.text, refused.text
+    assert refused.json()["problems"][0]["loc"] == ["items", 1, "source"]
+    reader = post(READER_KEY, [{"text": "goal", "task": "topic", "label": "sport"}])
+    assert reader.status_code == 403 and "key:reader lacks the 'feedback' permission" in reader.json()["error"]
+    assert httpx.get(f"{secured}/tasks", headers={"X-API-Key": READER_KEY}).status_code == 200
+    assert post(REVIEWER_KEY, [{**review, "id": "review-1"}]).json() == {"stored": 1, "already_stored": 0}
+    stats = httpx.get(f"{secured}/feedback/stats", headers={"X-API-Key": READER_KEY}).json()
+    topic = next(task for task in stats["tasks"] if task["task"] == "topic")
+    assert topic["sources"]["review"]["rows"] == 1
 
 
 def test_the_async_client_batches_concurrent_calls(secured):
