@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import jwt
@@ -230,6 +231,12 @@ def test_built_bento_serves(served_model, tmp_path):
     bento_tag = built.stdout.strip().splitlines()[-1].replace("__tag__:", "")
     info = subprocess.run([BENTOML, "get", bento_tag, "-o", "json"], capture_output=True, text=True, timeout=60)
     assert version.tag in info.stdout, "the bento must pin the exact model version"
+    # The container imports from the bento alone (the checkout is not there): every tracked file
+    # of the service's code must be inside it.
+    bento_source = Path(os.environ["BENTOML_HOME"], "bentos", *bento_tag.split(":"), "src")
+    tracked = subprocess.run(["git", "ls-files", "service.py", "model"], cwd=PROJECT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert tracked and [path for path in tracked if not (bento_source / path).is_file()] == []
     # The bento's schema lists every API, so BentoML's tools and clients see them. (BentoML prints
     # through `rich`, which cuts lines at the terminal's width: a wide one keeps the YAML whole.)
     described = yaml.safe_load(subprocess.run([BENTOML, "get", bento_tag, "-o", "yaml"], capture_output=True,
