@@ -29,16 +29,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
 from model.errors import CTTError
-from model.feedback.api import SINCE_PATTERN, FeedbackAccepted, FeedbackMetrics, feedback_request_model, parse_since
-from model.feedback.database import FeedbackDatabase, FeedbackUnavailable, data_dir_for, database_url
-from model.feedback.endpoint import (FeedbackConflict, FeedbackEndpoint, FeedbackForbidden, FeedbackInvalid,
-                                     check_startup_database)
+from model.feedback.ages import SINCE_PATTERN, parse_since
+from model.feedback.database import FeedbackDatabase, data_dir_for, database_url
 from model.precision import MAX_ACCURACY_LOSS, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving.auth import INTERNAL, Credentials, check_startup_credentials
 from model.serving.batching import Admission, ForwardPass, Overloaded, Tickets
 from model.serving.edges import (AuthMiddleware, BodyLimitMiddleware, ErrorShapeMiddleware, JSONOnlyMiddleware,
                                  KnownPathsOnly, OpenAPIDocumentMiddleware, RetryAfterMiddleware, complete_openapi)
+from model.serving.feedback import (FeedbackAccepted, FeedbackConflict, FeedbackEndpoint, FeedbackForbidden,
+                                    FeedbackInvalid, FeedbackMetrics, FeedbackUnavailable, check_startup_database,
+                                    feedback_request_model)
 from model.serving.lifecycle import (Activity, ActivityMiddleware, RetryingLoader, ServerReadiness, drain_then_shut_down,
                                      raise_open_file_limit)
 from model.serving.logs import OncePer, configure_json_logging, quiet_client_errors

@@ -16,7 +16,8 @@ The writers send reviews with a reviewer's credential (on main, which has none, 
 
 Variants, each on its own copy of the same 2 M rows:
 
-- ``main``: the code of the ``main`` branch (``git archive``): stats scan the rows;
+- ``main``: the feedback code of ``--baseline-ref`` (``git archive``; by default the landing
+  before issue 20): stats scan the rows;
 - ``main-cached``: the same, with each worker caching the stats document for 10 s (one refresh
   at a time): the alternative of a short-lived cache with a stated staleness;
 - ``counts``: this tree: stats read the counts kept in the same transaction as the rows
@@ -64,9 +65,13 @@ def run_variant(variant: str, url: str, seconds: float, readers: int, writers: i
     import inspect
     from types import SimpleNamespace
 
-    from model.feedback.api import FeedbackMetrics
     from model.feedback.database import FeedbackDatabase, FeedbackItem, FeedbackUnavailable
-    from model.feedback.endpoint import FeedbackEndpoint
+
+    try:  # where the feedback endpoint lives since issue 18's HTTP runtime took it in
+        from model.serving.feedback import FeedbackEndpoint, FeedbackMetrics
+    except ImportError:  # the baseline's layout
+        from model.feedback.api import FeedbackMetrics
+        from model.feedback.endpoint import FeedbackEndpoint
 
     database = FeedbackDatabase(url, timeout_s=5.0)
     started = time.perf_counter()
@@ -232,7 +237,8 @@ def main() -> int:
     parser.add_argument("--think-ms", type=float, default=1.0, help="each thread's pause between its calls")
     parser.add_argument("--databases", nargs="*", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--baseline-ref", default="main", help="the git ref whose feedback code is 'today's'")
+    # The landing before issue 20: stats scanned the rows.
+    parser.add_argument("--baseline-ref", default="03fcb21", help="the git ref whose feedback code is 'today's'")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)

@@ -1,5 +1,5 @@
 """Live accuracy from production feedback: the alert, its promtool unit tests and the dashboard
-panels, on the series ``/feedback`` exports (model/feedback/api.py): ``ctt_feedback_total{task,
+panels, on the series ``/feedback`` exports (model/serving/feedback.py): ``ctt_feedback_total{task,
 source, agreed}`` and ``ctt_task_accuracy{task}``. ``deploy/monitoring.py`` adds them to the
 PrometheusRule, its tests and the Grafana dashboard of every environment.
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,7 +23,28 @@ BENTOML = str(Path(sys.executable).parent / "bentoml")
 __all__ = ["BENTOML", "PROJECT", "bentoml_serve", "free_port", "server_process", "wait_ready"]
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range. A port the kernel handed out
+    (bind to port 0) is handed out again to the next caller, and `bentoml serve` reserves its own
+    internal ports that way before it binds ours: a port from outside that range cannot be taken
+    in between (seen as "Address already in use" when a test's server started)."""
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(10000, 32768) if port not in ephemeral]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -117,8 +117,8 @@ def test_alerts_use_metrics_the_service_exports(rendered):
     expressions = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])
     for metric in re.findall(r"(bentoml_service_\w+|ctt_\w+)", expressions):
         assert metric.startswith(("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "ctt_")), metric
-    # The series are defined in model/serving/metrics.py and, for feedback, model/feedback/api.py.
-    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving/metrics.py", "feedback/api.py"))
+    # The series are defined in model/serving/metrics.py and, for feedback, model/serving/feedback.py.
+    serving = "".join((PROJECT / "model" / path).read_text() for path in ("serving/metrics.py", "serving/feedback.py"))
     board = next(c for c in by_kind(rendered["production"], "ConfigMap") if c["metadata"]["name"] == "ctt-dashboard")
     dashboard = json.loads(board["data"]["ctt-dashboard.json"])
     for panel in dashboard["panels"]:

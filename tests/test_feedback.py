@@ -12,7 +12,6 @@ import threading
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import hypothesis
@@ -25,6 +24,7 @@ from model.feedback.database import (FeedbackConflict, FeedbackDatabase, Feedbac
                                      FeedbackUnavailable, database_url, is_sqlite, latest_labels, normalise_url,
                                      storable_principal, utc_now)
 from model.feedback.schema import SOURCES, Base
+from model.serving.auth import ANONYMOUS, INTERNAL, Principal
 from tests.conftest import MONEY, SPORT, write_jsonl
 from deploy.local_postgres import PostgresServer, start_postgres
 
@@ -276,8 +276,7 @@ def test_stats_stay_exact_when_deletes_cut_through_buckets(database):
 
 
 def test_since_windows_start_on_a_whole_hour_and_say_so(database):
-    from model.feedback.api import FeedbackMetrics
-    from model.feedback.endpoint import FeedbackEndpoint
+    from model.serving.feedback import FeedbackEndpoint, FeedbackMetrics
 
     for moment, text_ in ((datetime(2026, 3, 1, 9, 50), "early"), (datetime(2026, 3, 1, 10, 10), "in the hour"),
                           (datetime(2026, 3, 2, 8, 0), "next day")):
@@ -291,13 +290,13 @@ def test_since_windows_start_on_a_whole_hour_and_say_so(database):
 
 
 def test_stats_are_per_served_version(database):
-    from model.feedback.api import FeedbackMetrics
-    from model.feedback.endpoint import FeedbackEndpoint
+    from model.serving.feedback import FeedbackEndpoint, FeedbackMetrics
 
     old = FeedbackEndpoint(database, FeedbackMetrics(False), "ctt:v1", {"topic": 0.9})
     new = FeedbackEndpoint(database, FeedbackMetrics(False), "ctt:v2", {"topic": 0.95})
-    old.store([FeedbackItem(f"old {i}", "topic", "sport", prediction="money") for i in range(3)])
-    new.store([FeedbackItem(f"new {i}", "topic", "sport", prediction="sport") for i in range(2)])
+    caller = principal("key:web-frontend", "feedback")
+    old.store([FeedbackItem(f"old {i}", "topic", "sport", prediction="money") for i in range(3)], caller)
+    new.store([FeedbackItem(f"new {i}", "topic", "sport", prediction="sport") for i in range(2)], caller)
     topic = new.stats(None)["tasks"][0]
     assert topic["rows"] == 5 and topic["version_accuracy"] == 0.95
     assert topic["sources"]["correction"] == {"rows": 5, "with_prediction": 5, "agreed": 2, "agreement": 0.4}
@@ -342,18 +341,17 @@ def test_a_database_a_newer_release_migrated_is_used_as_it_is(database, caplog):
 
 
 # ----- who may write what, and what a row records -------------------------------------------
-def principal(name: str, *permissions: str):
-    return SimpleNamespace(id=name, permissions=frozenset(permissions))
+def principal(name: str, *permissions: str) -> Principal:
+    return Principal(name, frozenset(permissions))
 
 
 def test_review_rows_need_the_review_permission_and_nothing_is_stored(database):
-    from model.feedback.api import FeedbackMetrics
-    from model.feedback.endpoint import FeedbackEndpoint, FeedbackForbidden
+    from model.serving.feedback import FeedbackEndpoint, FeedbackForbidden, FeedbackMetrics
 
     endpoint = FeedbackEndpoint(database, FeedbackMetrics(False), "ctt:v1", {})
     batch = [FeedbackItem("a correction", "topic", "sport"),
              FeedbackItem("a review", "topic", "money", source="review", id="rev-1")]
-    for caller in (principal("key:web-frontend", "classify", "feedback"), None):  # None: no credentials at all
+    for caller in (principal("key:web-frontend", "classify", "feedback"), INTERNAL):
         with pytest.raises(FeedbackForbidden, match=r"item 1: source 'review' needs the 'review' permission") as caught:
             endpoint.store(batch, caller)
         assert (caught.value.permission, caught.value.items) == ("review", [1])
@@ -365,12 +363,11 @@ def test_review_rows_need_the_review_permission_and_nothing_is_stored(database):
 
 
 def test_every_row_records_the_credential_that_sent_it(database):
-    from model.feedback.api import FeedbackMetrics
-    from model.feedback.endpoint import FeedbackEndpoint
+    from model.serving.feedback import FeedbackEndpoint, FeedbackMetrics
 
     endpoint = FeedbackEndpoint(database, FeedbackMetrics(False), "ctt:v1", {})
     endpoint.store([FeedbackItem("from the web", "topic", "sport")], principal("key:web-frontend", "feedback"))
-    endpoint.store([FeedbackItem("open service", "topic", "sport")])
+    endpoint.store([FeedbackItem("open service", "topic", "sport")], ANONYMOUS)
     long_subject = "jwt:" + "a" * 300
     endpoint.store([FeedbackItem("long subject", "topic", "sport")], principal(long_subject, "feedback"))
     endpoint.store([FeedbackItem("odd subject", "topic", "sport")], principal("jwt:eve\x00il", "feedback"))
@@ -410,7 +407,7 @@ def test_an_id_stored_with_other_content_refuses_the_whole_request_and_keeps_the
 def test_values_no_supported_database_can_store_are_refused_on_every_database(database):
     from pydantic import ValidationError
 
-    from model.feedback.api import feedback_request_model
+    from model.serving.feedback import feedback_request_model
 
     schema = feedback_request_model({"topic": ["money", "sport"], "q": ["q", "s"]}, 64, 10_000)
     good = {"text": "fine", "task": "topic", "label": "sport"}
@@ -762,8 +759,7 @@ def test_poisoning_evaluation_texts_through_feedback_is_refused_and_an_honest_re
     refused naming the share, source and credential; overridden, the rows still never train (they
     are evaluation texts). A relearn with more data and honest feedback passes the gate."""
     from model import store
-    from model.feedback.api import FeedbackMetrics
-    from model.feedback.endpoint import FeedbackEndpoint, FeedbackForbidden
+    from model.serving.feedback import FeedbackEndpoint, FeedbackForbidden, FeedbackMetrics
     from training.cli import main
 
     train, test = topic_files

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from model import store
 from model.errors import CTTError
-from model.feedback.api import parse_age
+from model.feedback.ages import parse_age
 from model.tags import check_model_name, parse_tag
 from tests.conftest import MONEY, SPORT, write_jsonl
 from training.cli import main

@@ -346,7 +346,7 @@ def cmd_feedback(args) -> int:
                   f"(newest label per text, up to id {done['up_to_id']}) in {database.public_url}", file=sys.stderr)
             print(done["out"])
         elif args.feedback_command == "stats":
-            from model.feedback.api import stats_document
+            from model.serving.feedback import stats_document
             from model.feedback.counts import GRANULARITY, window_start
 
             document = stats_document(database.stats(since), version="-", version_accuracy={},
@@ -379,7 +379,7 @@ def _prune(args) -> int:
     them only with --yes, and with --force as well when the cutoff is less than a day ago."""
     from datetime import timedelta
 
-    from model.feedback.api import describe_age
+    from model.feedback.ages import describe_age
     from model.feedback.database import utc_now
     from training.feedback import default_retention, open_from_environ, parse_age
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from model.errors import CTTError
-from model.feedback.api import parse_age, parse_since  # noqa: F401  (the CLI's options)
+from model.feedback.ages import parse_age, parse_since  # noqa: F401  (the CLI's options)
 from model.feedback.database import FeedbackDatabase, data_dir_for, latest_labels, open_database
 from model.settings import SecretSource, setting_value
 from training.data import Example

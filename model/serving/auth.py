@@ -36,12 +36,12 @@ from model.errors import CTTError
 from model.serving.routes import CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH, MODEL_PATH, TASKS_PATH, is_open
 from model.settings import SecretSource, Settings, check_jwt_secret
 
-PERMISSIONS = ("classify", "feedback", "review")
+CLASSIFY_PERMISSION, FEEDBACK_PERMISSION, REVIEW_PERMISSION = PERMISSIONS = ("classify", "feedback", "review")
 # What a credential without stated permissions may do: everything it could before permissions
 # existed, except writing the feedback the accuracy alert trusts.
-LEGACY_PERMISSIONS = frozenset({"classify", "feedback"})
-ROUTE_PERMISSION = {CLASSIFY_PATH: "classify", TASKS_PATH: "classify", MODEL_PATH: "classify",
-                    FEEDBACK_STATS_PATH: "classify", FEEDBACK_PATH: "feedback"}
+LEGACY_PERMISSIONS = frozenset({CLASSIFY_PERMISSION, FEEDBACK_PERMISSION})
+ROUTE_PERMISSION = {CLASSIFY_PATH: CLASSIFY_PERMISSION, TASKS_PATH: CLASSIFY_PERMISSION, MODEL_PATH: CLASSIFY_PERMISSION,
+                    FEEDBACK_STATS_PATH: CLASSIFY_PERMISSION, FEEDBACK_PATH: FEEDBACK_PERMISSION}
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
