@@ -51,10 +51,11 @@ from torch.nn import functional as F  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer, masked_mean  # noqa: E402
+from model.registry import ModelConfig  # noqa: E402
 from training.corpora import SUITE, TASKS, ensure_corpus_packages, make_tasks  # noqa: E402
 from training.data import label_set, stratified_split  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
-from training.settings import LearnSettings  # noqa: E402
+from training.settings import DEFAULT_MAX_LENGTH, LearnSettings  # noqa: E402
 
 METHODS = ("probe", "naive", "ctt", "joint")
 # One task of each kind and corpus: long topic, short sentiment, short stylistic, short topic.
@@ -359,7 +360,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(SUITE), choices=list(TASKS), metavar="TASK")
     parser.add_argument("--no-baseline-cache", action="store_true",
                         help=f"train the fine-tuning baselines even when {BASELINE_CACHE.name} has their result")
-    parser.add_argument("--max-length", type=int, default=LearnSettings.max_length)
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
     args = parser.parse_args()
     if args.markdown:
@@ -375,7 +376,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"continual.py: could not download {', '.join(missing)}")
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
-    model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
+    model = ContinualTinyTransformer(load_backbone("minilm"), ModelConfig(max_length=args.max_length))
     embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))
                   for n, (train, test) in tasks.items()}
     runs = {method: [] for method in METHODS}

@@ -10,6 +10,9 @@ import torch
 from model.backbone import load_backbone
 from model.ctt import ContinualTinyTransformer, Task, TaskModule
 from model.errors import CTTError
+from model.registry import ModelConfig
+
+CONFIG = ModelConfig(max_length=64)
 
 TEXTS = ["the striker scored twice", "shares in the bank fell sharply after the results",
          "is it raining?", "a long sentence " * 12, "tennis"]
@@ -30,7 +33,7 @@ def micro():
 
 
 def model_with(backbone, label_counts, max_tasks=None) -> ContinualTinyTransformer:
-    model = ContinualTinyTransformer(backbone, max_tasks=max_tasks)
+    model = ContinualTinyTransformer(backbone, CONFIG, max_tasks=max_tasks)
     for i, count in enumerate(label_counts):
         model = model.with_task(Task(f"task{i}", [f"label{j}" for j in range(count)]),
                                 random_module(backbone, count, seed=i))
@@ -91,7 +94,7 @@ def test_replacing_a_task_changes_only_that_task(micro):
 def test_task_module_round_trips_through_the_bank(micro):
     model = model_with(micro, [3])
     module = model.task_module("task0")
-    again = ContinualTinyTransformer(micro).with_task(Task("task0", model.task("task0").labels), module)
+    again = ContinualTinyTransformer(micro, CONFIG).with_task(Task("task0", model.task("task0").labels), module)
     assert torch.equal(again.logits(TEXTS, ["task0"] * 5), model.logits(TEXTS, ["task0"] * 5))
 
 
@@ -108,15 +111,15 @@ def test_the_model_never_reads_max_tasks_from_the_environment(micro, monkeypatch
     from model.settings import Settings
 
     monkeypatch.setenv("MAX_TASKS", "1")
-    assert ContinualTinyTransformer(micro).max_tasks == 50
-    assert ContinualTinyTransformer(micro, max_tasks=Settings.from_environ().max_tasks).max_tasks == 1
+    assert ContinualTinyTransformer(micro, CONFIG).max_tasks == 50
+    assert ContinualTinyTransformer(micro, CONFIG, max_tasks=Settings.from_environ().max_tasks).max_tasks == 1
     monkeypatch.setenv("MAX_TASKS", "many")
     with pytest.raises(CTTError, match="MAX_TASKS='many': must be a whole number"):
         Settings.from_environ()
 
 
 def test_a_thousand_tasks_fit_when_allowed(micro):
-    model = ContinualTinyTransformer(micro, max_tasks=1000)
+    model = ContinualTinyTransformer(micro, CONFIG, max_tasks=1000)
     for i in range(1000):
         model = model.with_task(Task(f"t{i}", ["a", "b"]), TaskModule.for_backbone(micro, 2))
     logits = model.logits(TEXTS, ["t0", "t999", "t500", "t1", "t42"])
@@ -131,7 +134,7 @@ def test_unknown_task_lists_the_known_ones(micro):
 
 def test_invalid_task_name(micro):
     with pytest.raises(CTTError, match="invalid task name"):
-        ContinualTinyTransformer(micro).with_task(Task("bad name!", ["a", "b"]), TaskModule.for_backbone(micro, 2))
+        ContinualTinyTransformer(micro, CONFIG).with_task(Task("bad name!", ["a", "b"]), TaskModule.for_backbone(micro, 2))
 
 
 def test_save_and_load_give_identical_logits(micro, tmp_path):
@@ -166,7 +169,7 @@ def test_a_local_model_folder_is_a_backbone(micro, tmp_path):
     backbone = load_backbone(str(tmp_path))
     assert backbone.info.digest == sha256_file(tmp_path / "model.safetensors")
     assert backbone.info.hidden_size == micro.info.hidden_size
-    model = ContinualTinyTransformer(backbone).with_task(Task("t", ["a", "b"]), random_module(backbone, 2, seed=1))
+    model = ContinualTinyTransformer(backbone, CONFIG).with_task(Task("t", ["a", "b"]), random_module(backbone, 2, seed=1))
     assert model.logits(TEXTS, ["t"] * 5).shape == (5, 2)
 
 

@@ -36,7 +36,9 @@ class LearnSettings:
     max_forgetting: float = 0.0
     min_accuracy: float = 0.0
     backbone: str | None = None  # only for a model started from the bare backbone
-    max_length: int = DEFAULT_MAX_LENGTH  # only for a model started from the bare backbone
+    # Tokens read per text. None: the lineage's (DEFAULT_MAX_LENGTH for a model started from the bare
+    # backbone); a value that differs from the parent's is refused (training/learn.py).
+    max_length: int | None = None
     stage: str = "development"
     owner: str = field(default_factory=lambda: os.environ.get("USER") or "unknown")
     progress: bool = True
@@ -58,7 +60,7 @@ class LearnSettings:
             raise CTTError("--warmup must be in [0, 1) and --vector-pull at least 0")
         if not 0.0 <= self.max_forgetting <= 1.0 or not 0.0 <= self.min_accuracy <= 1.0:
             raise CTTError("--max-forgetting and --min-accuracy are fractions between 0 and 1")
-        if self.max_length < 8:
+        if self.max_length is not None and self.max_length < 8:
             raise CTTError("--max-length must be at least 8 tokens")
 
 
