@@ -123,11 +123,9 @@ def candidate_encoders(model: ContinualTinyTransformer) -> dict:
 
 
 # ----- accuracy -----------------------------------------------------------------------------------
-def paired(model, trained, encoder) -> dict:
+def paired(model, trained, encoder, fp32: dict) -> dict:
     model.use(encoder)
-    sets = {task.name: task.test for task in trained}
-    fp32 = predictions_as_served(model, sets, "fp32")
-    fast = predictions_as_served(model, sets, "int8")
+    fast = predictions_as_served(model, {task.name: task.test for task in trained}, "int8")
     out = {}
     for task in trained:
         truth = [e.label for e in task.test]
@@ -202,10 +200,11 @@ def main() -> None:
     for seed, tasks in trained.items():
         model = model_of(tasks, ModelConfig(max_length=DEFAULT_MAX_LENGTH), cls=Candidate)
         encoders = candidate_encoders(model)
+        fp32 = predictions_as_served(model, {task.name: task.test for task in tasks}, "fp32")
         for name, encoder in encoders.items():
             if name == "fp32":
                 continue
-            results.setdefault(name, {})[str(seed)] = paired(model, tasks, encoder)
+            results.setdefault(name, {})[str(seed)] = paired(model, tasks, encoder, fp32)
             line = " ".join(f"{t[:12]} {r['fp32_only_right']}/{r['fast_only_right']}"
                             for t, r in results[name][str(seed)].items())
             print(f"seed {seed} {name:15s} only fp32 / only fast right: {line}", flush=True)

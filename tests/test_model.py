@@ -191,3 +191,49 @@ def test_length_grouped_prediction_matches_row_by_row(micro):
         assert (got.task, got.label) == (alone.task, alone.label)
         for label, probability in alone.probabilities.items():
             assert got.probabilities[label] == pytest.approx(probability, abs=1e-5)
+
+
+# ----- the model's configuration ----------------------------------------------------------------
+def test_the_configuration_is_one_object_saved_with_the_version(micro, tmp_path):
+    from model.registry import FORMAT_VERSION, read_config
+
+    with pytest.raises(TypeError):
+        ModelConfig()  # no max_length of its own: a new lineage takes LearnSettings', a child its parent's
+    with pytest.raises(TypeError):
+        ContinualTinyTransformer(micro)
+    for bad in ({"max_length": 0}, {"max_length": "64"}, {"max_length": 64, "fast_path": "int4"},
+                {"max_length": 64, "calibration": "platt"}):
+        with pytest.raises(CTTError):
+            ModelConfig(**bad)
+    model = model_with(micro, [2, 3])
+    model.save(tmp_path)
+    registry = read_config(tmp_path)
+    assert registry["format_version"] == FORMAT_VERSION
+    assert ModelConfig.from_registry(registry) == model.config == ContinualTinyTransformer.load(tmp_path).config
+    assert ModelConfig(max_length=32, fast_path="int8-dynamic").for_child() == ModelConfig(max_length=32)
+
+
+def test_a_version_saved_in_format_1_loads_uncalibrated_on_the_int8_path_it_was_measured_on(micro, tmp_path):
+    from safetensors.torch import save_file
+
+    model = model_with(micro, [2, 3])
+    save_file({k: v.contiguous() for k, v in model.bank.items() if k != "temperature"}, str(tmp_path / "tasks.safetensors"))
+    (tmp_path / "ctt.json").write_text(json.dumps({
+        "format_version": 1, "backbone": micro.info.to_dict(), "max_length": 64,
+        "tasks": [task.to_dict() for task in model.tasks]}))
+    loaded = ContinualTinyTransformer.load(tmp_path)
+    assert loaded.config == ModelConfig(max_length=64, fast_path="int8-dynamic")
+    assert loaded.bank["temperature"].tolist() == [1.0, 1.0]
+    names = ["task0", "task1", "task0", "task1", "task1"]
+    assert torch.equal(loaded.logits(TEXTS, names), model.logits(TEXTS, names))
+    for damaged in ({"format_version": 3}, {"format_version": "1"}, ["not", "a", "registry"]):
+        (tmp_path / "ctt.json").write_text(json.dumps(damaged))
+        with pytest.raises(CTTError, match="unsupported CTT model format"):
+            ContinualTinyTransformer.load(tmp_path)
+
+
+def test_a_damaged_temperature_is_refused(micro):
+    model = model_with(micro, [2])
+    for bad in (torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([float("nan")]), torch.ones(2)):
+        with pytest.raises(CTTError, match="calibration temperatures are damaged"):
+            ContinualTinyTransformer(micro, CONFIG, tasks=model.tasks, bank={**model.bank, "temperature": bad})

@@ -164,3 +164,34 @@ def test_int8_is_measured_in_mixed_passes_as_the_service_serves_them():
     assert fp32 == {name: accuracy(model, name, examples) for name, examples in sets.items()}
     int8 = accuracies_as_served(model, sets, "int8")
     assert set(int8) == set(sets) and all(abs(int8[n] - fp32[n]) <= 0.2 for n in sets)
+
+
+def test_the_int8_copy_follows_the_versions_fast_path_and_needs_the_scaling_hooks():
+    from model.backbone import _load_micro
+    from model.errors import CTTError
+
+    model = three_task_model()
+    legacy = model.with_config(ModelConfig(max_length=64, fast_path="int8-dynamic"))
+    rows, dynamic = model.encoder_in("int8"), legacy.encoder_in("int8")
+    assert rows is not dynamic and rows is int8_encoder(model.encoder, "int8-rows")
+    assert type(rows.encoder.layer[0].attention.self.key).__name__ == "RowScaledDynamicLinear"
+    assert type(dynamic.encoder.layer[0].attention.self.key).__name__ == "Linear"
+    # Q, K and V scale their shared input once, in a memo of each thread's own.
+    attention = rows.encoder.layer[0].attention.self
+    assert attention.query.shared_input is attention.key.shared_input is attention.value.shared_input
+    # An encoder copied before any model installed the scaling hooks would serve the bare backbone.
+    with pytest.raises(CTTError, match="no task scaling hooks"):
+        int8_encoder(_load_micro().encoder)
+
+
+def test_the_fast_path_agrees_with_fp32_on_mixed_task_batches_within_the_stated_tolerance():
+    model = three_task_model()
+    rng = random.Random(1)
+    texts = TEXTS + [" ".join(rng.sample(TEXTS, 6)) for _ in range(10)]
+    tasks = [rng.choice("abc") for _ in texts]
+    fp32 = model.predict(texts, tasks)
+    int8 = model.predict(texts, tasks, precisions=dict.fromkeys("abc", "int8"))
+    drift = [max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) for a, b in zip(fp32, int8)]
+    assert statistics.median(drift) <= MIXED_BATCH_MEDIAN_DRIFT
+    assert sum(a.label == b.label for a, b in zip(fp32, int8)) / len(texts) >= MIXED_BATCH_LABEL_AGREEMENT
+    assert any(d > 0 for d in drift), "the int8 rows really took the fast path"
