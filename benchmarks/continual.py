@@ -376,9 +376,12 @@ def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 
             draws[kind]["pooled"].append(ece_of(torch.cat([row[kind][0][pick] for row, pick in zip(rows, picks)]),
                                                 torch.cat([row[kind][1][pick] for row, pick in zip(rows, picks)])))
 
-    def interval(values: list[float]) -> list[float]:
+    def interval(point: float, values: list[float]) -> list[float]:
+        """The 2.5-97.5 % range of the resamples, moved by the bootstrap's own bias: a resample
+        repeats examples, which inflates ECE, so its resamples sit above the estimate itself."""
         values = sorted(values)
-        return [values[int(0.025 * len(values))], values[min(len(values) - 1, int(0.975 * len(values)))]]
+        shift = sum(values) / len(values) - point
+        return [values[int(0.025 * len(values))] - shift, values[min(len(values) - 1, int(0.975 * len(values)))] - shift]
 
     pooled = {kind: ece_of(torch.cat([row[kind][0] for row in rows]), torch.cat([row[kind][1] for row in rows]))
               for kind in kinds}
@@ -395,9 +398,10 @@ def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 
     wrong_above = {kind: sum(int(((row[kind][0] > 0.99) & (row[kind][1] == 0)).sum()) for row in rows)
                    / max(1, sum(int((row[kind][1] == 0).sum()) for row in rows)) for kind in ("before", "after")}
     return {"by_task": by_task,
-            "mean": {kind: {"ece": sum(per_row[kind]) / len(rows), "interval": interval(draws[kind]["mean"])}
-                     for kind in kinds},
-            "pooled": {kind: {"ece": pooled[kind], "interval": interval(draws[kind]["pooled"])} for kind in kinds},
+            "mean": {kind: {"ece": sum(per_row[kind]) / len(rows),
+                            "interval": interval(sum(per_row[kind]) / len(rows), draws[kind]["mean"])} for kind in kinds},
+            "pooled": {kind: {"ece": pooled[kind], "interval": interval(pooled[kind], draws[kind]["pooled"])}
+                       for kind in kinds},
             "floor": {"mean": sum(floors) / len(floors),
                       "pooled": ece_floor(torch.cat([row["after"][0] for row in rows]), draws=50)},
             "wrong_answers_above_0.99": wrong_above,
@@ -529,6 +533,8 @@ def main() -> None:
                         help=f"train the fine-tuning baselines even when {BASELINE_CACHE.name} has their result")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
+    parser.add_argument("--analyse-again", action="store_true",
+                        help="run only the analysis, on the measurements the last run kept (continual[-quick]-measured.json)")
     args = parser.parse_args()
     if args.markdown:
         document = json.loads((RESULTS / f"continual{'-quick' if args.quick else ''}.json").read_text())
@@ -547,14 +553,14 @@ def main() -> None:
         raise SystemExit(f"continual.py: could not download {', '.join(missing)}")
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
     model = ContinualTinyTransformer(load_backbone("minilm"), ModelConfig(max_length=args.max_length))
-    embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))
-                  for n, (train, test) in tasks.items()}
+    embeddings = {} if args.analyse_again else {
+        n: (model.embed([e.text for e in train]), model.embed([e.text for e in test])) for n, (train, test) in tasks.items()}
     runs = {method: [] for method in METHODS}
     matrices = {method: [] for method in METHODS}
     extra = []
     timings = {}
     from_cache = {"naive": [], "joint": []}  # per seed: read from the cache instead of trained
-    for seed in range(args.seeds):
+    for seed in range(0 if args.analyse_again else args.seeds):
         t = time.perf_counter()
         runs["probe"].append(run_probe(model, tasks, seed, embeddings))
         timings.setdefault("probe", []).append(time.perf_counter() - t)
@@ -581,6 +587,17 @@ def main() -> None:
             matrices[method].append(result["matrix"])
             timings.setdefault(method, []).append(result["seconds"])
 
+    # Everything measured, kept before the analysis: a run of an hour is not lost to a mistake in it
+    # (--analyse-again re-reads this file and runs only the analysis).
+    if args.analyse_again:
+        raw = json.loads((RESULTS / f"{name}-measured.json").read_text())
+        runs, matrices, extra, timings, from_cache = (raw[key] for key in ("runs", "matrices", "extra", "timings",
+                                                                            "from_cache"))
+        measured_minutes = raw["minutes"]
+    else:
+        measured_minutes = (time.perf_counter() - started) / 60
+        save(f"{name}-measured", {"runs": runs, "matrices": matrices, "extra": extra, "timings": timings,
+                                  "from_cache": from_cache, "minutes": measured_minutes})
     table = {method: bootstrap(runs[method], tasks) for method in METHODS}
     names = [*tasks, "mean"]
     rows = [[method, *(f"{table[method][n]['mean']:.3f} [{table[method][n]['low']:.3f}, {table[method][n]['high']:.3f}]"
@@ -614,7 +631,7 @@ def main() -> None:
           f"CTT BWT {bwt}; joint − CTT {targets['joint_mean_minus_ctt']:+.3f}; "
           f"naive mean forgetting {[round(f, 3) for f in naive_forgetting]}; "
           f"worst int8 loss against fp32 {targets['worst_task_int8_loss']:+.3f}")
-    minutes = (time.perf_counter() - started) / 60
+    minutes = measured_minutes  # the measuring; the analysis takes a minute or two more
     # What the run would have taken had it trained the baselines it read from the cache.
     minutes_uncached = minutes + sum(seconds for method, flags in from_cache.items()
                                      for seconds, flag in zip(timings.get(method, []), flags) if flag) / 60

@@ -26,14 +26,11 @@ Writes benchmarks/results/fast_path[-quick].json.
 from __future__ import annotations
 
 import argparse
-import itertools
-import copy
 import math
 import random
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,7 +44,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: E402
 from benchmarks.task_modules import model_of, trained_tasks  # noqa: E402
 from model.ctt import ContinualTinyTransformer  # noqa: E402
 from model.precision import (FAST_PATH_Z, LEGACY_FAST_PATH, MAX_ACCURACY_LOSS, int8_encoder,  # noqa: E402
-                             worse_by_sign_test)
+                             quantised_copy, worse_by_sign_test)
 from model.registry import ModelConfig  # noqa: E402
 from training.corpora import SUITE  # noqa: E402
 from training.evaluate import predictions_as_served  # noqa: E402
@@ -80,28 +77,6 @@ class RowAsymmetricLinear(DynamicLinear):
         return torch.addcmul(torch.addcmul(self.row_bias, middle, self.weight_sums), y, half)
 
 
-def quantised_copy(encoder, linear_class, without_bias: bool):
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    embeddings = encoder.embeddings
-    shared = {id(t): t for t in itertools.chain(embeddings.parameters(), embeddings.buffers())}
-    body = copy.deepcopy(encoder, memo=shared)
-    biases = {}
-    if without_bias:
-        for name, module in body.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                biases[name], module.bias = module.bias.detach().clone(), None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantised = quantize_dynamic(body, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                                     mapping={torch.nn.Linear: linear_class}, inplace=True)
-    for name, module in quantised.named_modules():
-        if name in biases:
-            module.row_bias = biases[name]
-            module.weight_sums = module.weight().dequantize().sum(1)
-    return quantised.eval()
-
-
 class Candidate(ContinualTinyTransformer):
     """A model whose int8 precision runs the encoder given to ``use`` (kept out of the module tree:
     a plain list, so nn.Module does not register it as a submodule)."""
@@ -117,9 +92,16 @@ def candidate_encoders(model: ContinualTinyTransformer) -> dict:
     encoder = model.encoder
     return {"fp32": encoder,
             "int8-dynamic": int8_encoder(encoder, LEGACY_FAST_PATH),
-            "int8-cls": quantised_copy(encoder, ClsApartLinear, without_bias=False),
+            "int8-cls": quantised_copy(encoder, ClsApartLinear),
             "int8-rows": int8_encoder(encoder, "int8-rows"),
-            "int8-rows-asym": quantised_copy(encoder, RowAsymmetricLinear, without_bias=True)}
+            "int8-rows-asym": with_weight_sums(quantised_copy(encoder, RowAsymmetricLinear))}
+
+
+def with_weight_sums(quantised):
+    for module in quantised.modules():
+        if isinstance(module, RowAsymmetricLinear):
+            module.weight_sums = module.weight().dequantize().sum(1)
+    return quantised
 
 
 # ----- accuracy -----------------------------------------------------------------------------------

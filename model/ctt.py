@@ -296,7 +296,7 @@ class ContinualTinyTransformer(nn.Module):
         logits = logits + self.bank["head_bias"][task_ids]
         if calibrated:
             logits = logits / self.bank["temperature"][task_ids].unsqueeze(1)
-        return logits.masked_fill(~self.label_mask[task_ids], float("-inf"))
+        return logits.masked_fill(~self.label_mask[task_ids], float(self.config.padded_logit))
 
     def forward_module(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        module: TaskModule) -> torch.Tensor:

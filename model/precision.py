@@ -26,7 +26,7 @@ version's int8 measurements hold only for the path they were made on:
 What int8 does not keep is exact independence from neighbours: the rows of a call still share one
 quantisation scale (in ``int8-rows`` only over values already scaled to [-1, 1]), so a row's
 probabilities move slightly with the other rows of its pass. The stated tolerance below is what
-tests hold a mixed pass to against the same rows served alone. Because of it accuracy is measured,
+tests hold a mixed pass to, against fp32 and against the same rows served alone. Because of it accuracy is measured,
 never assumed: `ctt learn` measures every task in fp32 and in int8 on its evaluation set (int8 in
 passes that mix every task's evaluation rows, as the service's passes do) and records, besides
 both accuracies, how many examples only fp32 and only int8 classify right. A task is served in int8
@@ -59,8 +59,9 @@ MAX_ACCURACY_LOSS = 0.005
 # The gate for versions that recorded the paired outcome: int8 is refused when the examples only
 # fp32 classifies right outnumber those only int8 does by more than this many standard deviations.
 FAST_PATH_Z = 2.0
-# A mixed-task, mixed-length int8 pass against the same rows served one by one: the median row's
-# largest probability change, and the share of rows whose label must agree.
+# The stated tolerance of the fast path, for a mixed-task, mixed-length int8 pass against the same
+# rows in fp32 and against the same rows served one by one in int8: the median row's largest
+# probability change, and the share of rows whose label must agree.
 MIXED_BATCH_MEDIAN_DRIFT = 0.01
 MIXED_BATCH_LABEL_AGREEMENT = 0.95
 # A row whose largest magnitude is below this is scaled as if it were this (all-zero rows).
@@ -108,13 +109,7 @@ def _row_scaled_linear_class():
 
 def int8_encoder(encoder, fast_path: str = FAST_PATH):
     """A dynamically quantised copy of ``encoder`` made as ``fast_path`` says, once per process
-    and shared.
-
-    The copy shares the embedding tables (most of MiniLM's weights; quantisation leaves them in
-    fp32 anyway) instead of duplicating them: they are frozen and only read."""
-    import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
+    and shared."""
     if fast_path not in FAST_PATHS:
         raise CTTError(f"unknown fast path {fast_path!r}: this code serves {', '.join(FAST_PATHS)}")
     if not getattr(encoder, "_ctt_hooks_installed", False):
@@ -125,38 +120,50 @@ def int8_encoder(encoder, fast_path: str = FAST_PATH):
         found = copies.get(fast_path)
         if found is not None:
             return found
-        # The memo maps the embedding tables to themselves: the copy shares the tensors but has
-        # modules of its own, so nothing done to the copy (eval(), quantisation's bookkeeping) or
-        # to the original (train() while learning) reaches the other.
-        embeddings = encoder.embeddings
-        shared = {id(tensor): tensor for tensor in itertools.chain(embeddings.parameters(), embeddings.buffers())}
-        body = copy.deepcopy(encoder, memo=shared)
-        options = {}
-        biases = {}
         if fast_path == "int8-rows":
-            options["mapping"] = {torch.nn.Linear: _row_scaled_linear_class()}
-            for name, module in body.named_modules():
-                if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                    biases[name] = module.bias.detach().clone()
-                    module.bias = None
-        with warnings.catch_warnings():
-            # torch.ao's eager quantisation is deprecated in favour of torchao, but it is what the
-            # pinned torch ships and runs fastest here; the pin keeps it available.
-            warnings.simplefilter("ignore")
-            quantised = quantize_dynamic(body, {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                         dtype=torch.qint8, inplace=True, **options)
-        if fast_path == "int8-rows":
-            modules = dict(quantised.named_modules())
-            for name, bias in biases.items():
-                modules[name].row_bias = bias
+            quantised = quantised_copy(encoder, _row_scaled_linear_class())
             for layer in quantised.encoder.layer:
                 memo = threading.local()  # per thread: two threads' passes never share a memo
                 for name in ("query", "key", "value"):
                     getattr(layer.attention.self, name).shared_input = memo
-        quantised.eval()
+        else:
+            quantised = quantised_copy(encoder)
         _check_hooks_kept(encoder, quantised)
         copies[fast_path] = quantised
         return quantised
+
+
+def quantised_copy(encoder, linear_class=None):
+    """A copy of ``encoder`` whose linear layers are PyTorch's dynamic int8 ones (or
+    ``linear_class``, a subclass of them; one with a ``row_bias`` attribute gets each layer's bias
+    there, out of its quantised weights).
+
+    The copy shares the embedding tables (most of MiniLM's weights; quantisation leaves them in
+    fp32 anyway) instead of duplicating them: they are frozen and only read."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    # The memo maps the embedding tables to themselves: the copy shares the tensors but has
+    # modules of its own, so nothing done to the copy (eval(), quantisation's bookkeeping) or to
+    # the original (train() while learning) reaches the other.
+    embeddings = encoder.embeddings
+    shared = {id(tensor): tensor for tensor in itertools.chain(embeddings.parameters(), embeddings.buffers())}
+    body = copy.deepcopy(encoder, memo=shared)
+    biases = {}
+    if linear_class is not None and hasattr(linear_class, "row_bias"):
+        for name, module in body.named_modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                biases[name], module.bias = module.bias.detach().clone(), None
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, but it is what the
+        # pinned torch ships and runs fastest here; the pin keeps it available.
+        warnings.simplefilter("ignore")
+        quantised = quantize_dynamic(body, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                                     inplace=True, **({"mapping": {torch.nn.Linear: linear_class}} if linear_class else {}))
+    modules = dict(quantised.named_modules())
+    for name, bias in biases.items():
+        modules[name].row_bias = bias
+    return quantised.eval()
 
 
 def _check_hooks_kept(original, quantised) -> None:
