@@ -120,6 +120,11 @@ def run_ctt(tasks, seed, max_length) -> tuple[dict, list[dict], dict]:
                              "calibration": final["calibration"], "scores": scores}
 
 
+def measured_file(name: str) -> Path:
+    """Where a run keeps its measurements for --analyse-again (beside, not in, the results)."""
+    return Path(tempfile.gettempdir()) / f"ctt-{name}-measured.json"
+
+
 def final_record(report: dict) -> dict:
     return {key: report[key] for key in ("accuracy", "precision_accuracy", "precision_paired")}
 
@@ -534,7 +539,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
     parser.add_argument("--analyse-again", action="store_true",
-                        help="run only the analysis, on the measurements the last run kept (continual[-quick]-measured.json)")
+                        help="run only the analysis, on the measurements the last run kept (ctt-continual[-quick]-measured.json "
+                             "in the temporary folder)")
     args = parser.parse_args()
     if args.markdown:
         document = json.loads((RESULTS / f"continual{'-quick' if args.quick else ''}.json").read_text())
@@ -588,16 +594,16 @@ def main() -> None:
             timings.setdefault(method, []).append(result["seconds"])
 
     # Everything measured, kept before the analysis: a run of an hour is not lost to a mistake in it
-    # (--analyse-again re-reads this file and runs only the analysis).
+    # (--analyse-again re-reads it and runs only the analysis).
     if args.analyse_again:
-        raw = json.loads((RESULTS / f"{name}-measured.json").read_text())
+        raw = json.loads(measured_file(name).read_text())
         runs, matrices, extra, timings, from_cache = (raw[key] for key in ("runs", "matrices", "extra", "timings",
                                                                             "from_cache"))
         measured_minutes = raw["minutes"]
     else:
         measured_minutes = (time.perf_counter() - started) / 60
-        save(f"{name}-measured", {"runs": runs, "matrices": matrices, "extra": extra, "timings": timings,
-                                  "from_cache": from_cache, "minutes": measured_minutes})
+        measured_file(name).write_text(json.dumps({"runs": runs, "matrices": matrices, "extra": extra, "timings": timings,
+                                                   "from_cache": from_cache, "minutes": measured_minutes}))
     table = {method: bootstrap(runs[method], tasks) for method in METHODS}
     names = [*tasks, "mean"]
     rows = [[method, *(f"{table[method][n]['mean']:.3f} [{table[method][n]['low']:.3f}, {table[method][n]['high']:.3f}]"

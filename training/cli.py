@@ -95,9 +95,12 @@ def cmd_learn(args) -> int:
            stream=sys.stderr)
     new = calibration.get(report.task, {})
     if new.get("method") == "temperature":
-        print(f"scores of {report.task!r} calibrated: temperature {new['temperature']:.3f} fitted on "
-              f"{new['fitted_examples']} held-out examples; ECE {new['ece_before']:.3f} → {new['ece_after']:.3f} on "
-              f"{new['ece_examples']} evaluation examples{' (the same examples: give --eval for an independent measure)' if new.get('ece_in_sample') else ''}",
+        fitted = (f"temperature {new['temperature']:.3f}" if new["temperature"] > 1 else
+                  "temperature 1 (the held-out slice shows no overconfidence to correct)")
+        same = " (the same examples: give --eval for an independent measure)" if new.get("ece_in_sample") else ""
+        print(f"scores of {report.task!r} calibrated: {fitted}, fitted on {new['fitted_examples']} held-out "
+              f"examples; ECE {new['ece_before']:.3f} → {new['ece_after']:.3f} on {new['ece_examples']} evaluation "
+              f"examples{same}, where perfectly calibrated scores would show about {new['ece_floor']:.3f}",
               file=sys.stderr)
     uncalibrated = [name for name in report.tasks if calibration.get(name, {}).get("method") == "none"]
     if uncalibrated:
