@@ -31,7 +31,7 @@ from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
 from model.errors import CTTError
 from model.feedback.ages import SINCE_PATTERN, parse_since
 from model.feedback.database import FeedbackDatabase, data_dir_for, database_url
-from model.precision import MAX_ACCURACY_LOSS, served_precisions, warm_up_or_fall_back
+from model.precision import REFERENCE_PRECISION, fast_path_verdicts, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving.auth import INTERNAL, Credentials, check_startup_credentials
 from model.serving.batching import Admission, ForwardPass, Overloaded, Tickets
@@ -205,9 +205,12 @@ class CTT:
         self.registry = read_config(folder)
         self.record = read_record(folder)
         self.tasks_summary = TasksDocument(version=self.tag, tasks=task_summaries(folder))
-        # Each task in CTT_PRECISION where this version measured it close enough to fp32, else fp32.
-        self.precisions = served_precisions(settings.precision, [t["name"] for t in self.registry["tasks"]],
-                                            self.record)
+        # Each task in CTT_PRECISION unless this version's measurements show it worse there than in
+        # fp32 (model/precision.py says how), else fp32.
+        task_names = [t["name"] for t in self.registry["tasks"]]
+        self.precisions = served_precisions(settings.precision, task_names, self.record)
+        self.fast_path_evidence = ({} if settings.precision == REFERENCE_PRECISION else
+                                   fast_path_verdicts(self.record, settings.precision, task_names))
         self.metrics = Metrics(settings.monitoring_enabled)
         self.activity = Activity()  # this worker's public API requests, for the drain on SIGTERM
         self.readiness = ServerReadiness(settings.workers)
@@ -257,9 +260,10 @@ class CTT:
         self.readiness.mark_ready()
         fallback = sorted(task for task, precision in self.precisions.items() if precision != settings.precision)
         if fallback:
-            logger.warning(f"CTT_PRECISION={settings.precision}, but {self.tag} did not measure {len(fallback)} "
-                           f"task(s) within {100 * MAX_ACCURACY_LOSS:g} point of fp32 in it: serving "
-                           f"{', '.join(fallback[:10])}{' …' if len(fallback) > 10 else ''} in fp32")
+            logger.warning(f"CTT_PRECISION={settings.precision}, but {self.tag}'s measurements show "
+                           f"{len(fallback)} task(s) worse in it than in fp32: serving "
+                           f"{', '.join(fallback[:10])}{' …' if len(fallback) > 10 else ''} in fp32 "
+                           "(GET /model gives each task's evidence)")
         logger.info(f"model {self.tag} ready: {len(model.tasks)} tasks, backbone {model.backbone.info.spec}, "
                     f"precision {settings.precision}")
 
@@ -358,9 +362,9 @@ class CTT:
             max_length=self.registry["max_length"], task_count=len(self.registry["tasks"]),
             metrics={key: self.record.get(key) for key in ("mean_accuracy", "bwt", "mean_forgetting", "accuracy")},
             environment=settings.environment,
-            # What CTT_PRECISION asked for, and what each task is served in (fp32 where the version
-            # did not measure the requested precision within tolerance).
-            precision={"setting": settings.precision, "tasks": self.precisions, "max_accuracy_loss": MAX_ACCURACY_LOSS})
+            # What CTT_PRECISION asked for, what each task is served in, and the measurements that
+            # decided it.
+            precision={"setting": settings.precision, "tasks": self.precisions, "evidence": self.fast_path_evidence})
 
     def health_document(self) -> Health:
         loaded = self.loader.value is not None

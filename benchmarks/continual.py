@@ -51,10 +51,13 @@ from torch.nn import functional as F  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer, masked_mean  # noqa: E402
+from model.registry import ModelConfig  # noqa: E402
 from training.corpora import SUITE, TASKS, ensure_corpus_packages, make_tasks  # noqa: E402
 from training.data import label_set, stratified_split  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
-from training.settings import LearnSettings  # noqa: E402
+from model.precision import fast_path_verdicts  # noqa: E402
+from training.calibration import ece_floor, expected_calibration_error, ece_of, probabilities, reliability, top_label  # noqa: E402
+from training.settings import DEFAULT_MAX_LENGTH, LearnSettings  # noqa: E402
 
 METHODS = ("probe", "naive", "ctt", "joint")
 # One task of each kind and corpus: long topic, short sentiment, short stylistic, short topic.
@@ -98,17 +101,51 @@ def run_ctt(tasks, seed, max_length) -> tuple[dict, list[dict], dict]:
                   f"(probe {report['probe_accuracy'][name]:.3f}, epoch {report['best_epoch']}, "
                   f"{time.perf_counter() - started:.0f} s)", flush=True)
             reports.append(report)
-        model = get_version(reports[-1]["tag"]).load()
+        version = get_version(reports[-1]["tag"])
+        model = version.load()
         correct = {}
         for name, (_, test) in tasks.items():
             predictions = model.predict([e.text for e in test], [name] * len(test))
             correct[name] = [int(p.label == e.label) for p, e in zip(predictions, test)]
+        scores = served_scores(model, tasks, version.path)
     matrix = [[r["accuracy"].get(name) for name in tasks] for r in reports]
     # int8 against fp32 on each task's test set, as the last version measured them (model/precision.py).
     final = reports[-1]
     int8_loss = {name: final["accuracy"][name] - final["precision_accuracy"]["int8"][name] for name in tasks}
+    verdicts = fast_path_verdicts(final_record(final), "int8", list(tasks))
     return correct, matrix, {"bwt": final["bwt"], "best_epochs": [r["best_epoch"] for r in reports],
-                             "seconds": [r["seconds"] for r in reports], "int8_accuracy_loss": int8_loss}
+                             "seconds": [r["seconds"] for r in reports], "int8_accuracy_loss": int8_loss,
+                             "int8_paired": final["precision_paired"]["int8"],
+                             "int8_kept": {name: verdicts[name]["kept"] for name in tasks},
+                             "calibration": final["calibration"], "scores": scores}
+
+
+def measured_file(name: str) -> Path:
+    """Where a run keeps its measurements for --analyse-again (beside, not in, the results)."""
+    return Path(tempfile.gettempdir()) / f"ctt-{name}-measured.json"
+
+
+def final_record(report: dict) -> dict:
+    return {key: report[key] for key in ("accuracy", "precision_accuracy", "precision_paired")}
+
+
+def served_scores(model, tasks, folder: Path) -> dict:
+    """Per task, what calibration is judged on: the raw fp32 logits of the test set, the targets,
+    the scores int8 serves (calibrated, in mixed passes as served) and the held-out logits the
+    temperature was fitted on (kept in the version)."""
+    from training.evaluate import predictions_as_served, task_logits
+    from training.learn import HELD_OUT_LOGITS_FILE
+
+    held_out = json.loads((folder / HELD_OUT_LOGITS_FILE).read_text())
+    int8 = predictions_as_served(model, {name: test for name, (_, test) in tasks.items()}, "int8")
+    out = {}
+    for name, (_, test) in tasks.items():
+        logits, targets = task_logits(model, name, test, calibrated=False)
+        labels = model.task(name).labels
+        out[name] = {"logits": [[round(v, 5) for v in row] for row in logits.tolist()], "targets": targets.tolist(),
+                     "int8_probabilities": [[round(p.probabilities[label], 6) for label in labels] for p in int8[name]],
+                     "held_out": held_out[name]}
+    return out
 
 
 class _fresh_store:
@@ -235,12 +272,12 @@ def _baseline_code() -> str:
     any of it makes every cached result stale."""
     import inspect
 
-    import model.ctt
     import training.data
     import training.probe
 
+    # Of model/ctt.py the baselines run the pooling and the tokenizer call, nothing else.
     parts = [FineTuned, _finetune, _correct, _items, _start_heads_at_the_probe, run_finetuning,
-             training.probe, model.ctt, training.data]
+             training.probe, masked_mean, ContinualTinyTransformer.tokenize, training.data]
     return "".join(inspect.getsource(part) for part in parts)
 
 
@@ -312,6 +349,146 @@ def bootstrap(correct_by_seed: list[dict], tasks, samples=1000, seed=0) -> dict:
     return result
 
 
+def _task_seed_scores(extra: list[dict], tasks) -> list[dict]:
+    """Per task-seed: the answers' scores (raw, calibrated, as int8 serves them) and rightness."""
+    out = []
+    for seed, info in enumerate(extra):
+        for name in tasks:
+            scores = info["scores"][name]
+            logits, targets = torch.tensor(scores["logits"]), torch.tensor(scores["targets"])
+            temperature = info["calibration"][name]["temperature"]
+            raw, calibrated = top_label(probabilities(logits), targets), top_label(probabilities(logits, temperature), targets)
+            int8 = top_label(torch.tensor(scores["int8_probabilities"], dtype=torch.double), targets)
+            out.append({"task": name, "seed": seed, "before": raw, "after": calibrated, "int8": int8})
+    return out
+
+
+def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 0) -> dict:
+    """ECE (15 equal-width bins, top label) of the raw scores, the calibrated ones and the ones int8
+    serves: per task (mean over seeds), over all task-seeds (their mean, the target's measure) and
+    pooled (every test example of every task-seed in one set), each with a 95 % bootstrap interval
+    over the test examples; and the floor perfectly calibrated scores would show at each size."""
+    rows = _task_seed_scores(extra, tasks)
+    kinds = ("before", "after", "int8")
+    generator = torch.Generator().manual_seed(seed)
+    per_row = {kind: [ece_of(*row[kind]) for row in rows] for kind in kinds}
+    draws = {kind: {"mean": [], "pooled": []} for kind in kinds}
+    for _ in range(samples):
+        picks = [torch.randint(len(row["before"][0]), (len(row["before"][0]),), generator=generator) for row in rows]
+        for kind in kinds:
+            values = [ece_of(row[kind][0][pick], row[kind][1][pick]) for row, pick in zip(rows, picks)]
+            draws[kind]["mean"].append(sum(values) / len(values))
+            draws[kind]["pooled"].append(ece_of(torch.cat([row[kind][0][pick] for row, pick in zip(rows, picks)]),
+                                                torch.cat([row[kind][1][pick] for row, pick in zip(rows, picks)])))
+
+    def interval(point: float, values: list[float]) -> list[float]:
+        """The 2.5-97.5 % range of the resamples, moved by the bootstrap's own bias: a resample
+        repeats examples, which inflates ECE, so its resamples sit above the estimate itself."""
+        values = sorted(values)
+        shift = sum(values) / len(values) - point
+        return [values[int(0.025 * len(values))] - shift, values[min(len(values) - 1, int(0.975 * len(values)))] - shift]
+
+    pooled = {kind: ece_of(torch.cat([row[kind][0] for row in rows]), torch.cat([row[kind][1] for row in rows]))
+              for kind in kinds}
+    floors = [ece_floor(row["after"][0], draws=100) for row in rows]
+    by_task = {}
+    for name in tasks:
+        mine = [i for i, row in enumerate(rows) if row["task"] == name]
+        by_task[name] = {kind: sum(per_row[kind][i] for i in mine) / len(mine) for kind in kinds}
+        by_task[name]["floor"] = sum(floors[i] for i in mine) / len(mine)
+        by_task[name]["temperature"] = [extra[rows[i]["seed"]]["calibration"][name]["temperature"] for i in mine]
+        by_task[name]["confidence_before"] = sum(float(rows[i]["before"][0].mean()) for i in mine) / len(mine)
+        by_task[name]["confidence_after"] = sum(float(rows[i]["after"][0].mean()) for i in mine) / len(mine)
+        by_task[name]["accuracy"] = sum(float(rows[i]["after"][1].mean()) for i in mine) / len(mine)
+    wrong_above = {kind: sum(int(((row[kind][0] > 0.99) & (row[kind][1] == 0)).sum()) for row in rows)
+                   / max(1, sum(int((row[kind][1] == 0).sum()) for row in rows)) for kind in ("before", "after")}
+    return {"by_task": by_task,
+            "mean": {kind: {"ece": sum(per_row[kind]) / len(rows),
+                            "interval": interval(sum(per_row[kind]) / len(rows), draws[kind]["mean"])} for kind in kinds},
+            "pooled": {kind: {"ece": pooled[kind], "interval": interval(pooled[kind], draws[kind]["pooled"])}
+                       for kind in kinds},
+            "floor": {"mean": sum(floors) / len(floors),
+                      "pooled": ece_floor(torch.cat([row["after"][0] for row in rows]), draws=50)},
+            "wrong_answers_above_0.99": wrong_above,
+            "reliability": {kind: reliability(torch.cat([row[kind][0] for row in rows]),
+                                              torch.cat([row[kind][1] for row in rows])) for kind in kinds}}
+
+
+def fast_path_table(extra: list[dict], tasks) -> dict:
+    """Per task and seed: the test examples only fp32 and only int8 classify right, and whether the
+    version's gate serves the task in int8; over the task-seeds kept, the pooled sign test."""
+    by_task = {name: [{"fp32_only_right": info["int8_paired"][name]["fp32_only_right"],
+                       "fast_only_right": info["int8_paired"][name]["fast_only_right"],
+                       "loss": info["int8_accuracy_loss"][name], "kept": info["int8_kept"][name]}
+                      for info in extra] for name in tasks}
+    rows = [row for seeds in by_task.values() for row in seeds]
+    kept = [row for row in rows if row["kept"]]
+    b, c = sum(r["fp32_only_right"] for r in kept), sum(r["fast_only_right"] for r in kept)
+    examples = sum(len(info["scores"][name]["targets"]) for info in extra for name in tasks
+                   if info["int8_kept"][name])
+    return {"by_task": by_task, "kept": len(kept), "task_seeds": len(rows),
+            "kept_pooled": {"fp32_only_right": b, "fast_only_right": c, "examples": examples,
+                            "loss_points": 100 * (b - c) / max(1, examples),
+                            "z": (b - c) / (b + c) ** 0.5 if b + c else 0.0},
+            "mean_loss_points": 100 * sum(r["loss"] for r in rows) / len(rows),
+            "within_half_point": sum(r["loss"] <= 0.005 + 1e-12 for r in rows)}
+
+
+def reliability_diagram(calibration: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, kind, label in ((axes[0], "before", "raw scores"), (axes[1], "after", "calibrated (temperature)")):
+        rows = [r for r in calibration["reliability"][kind] if r["count"]]
+        centres = [(r["low"] + r["high"]) / 2 for r in rows]
+        ax.bar(centres, [r["accuracy"] for r in rows], width=1 / 15, edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.plot(centres, [r["confidence"] for r in rows], "r.", label="mean score in bin")
+        for centre, row in zip(centres, rows):
+            ax.text(centre, 0.02, str(row["count"]), ha="center", fontsize=6, rotation=90)
+        pooled = calibration["pooled"][kind]
+        ax.set_title(f"{label}: pooled ECE {pooled['ece']:.3f} ({pooled['interval'][0]:.3f}–{pooled['interval'][1]:.3f})",
+                     fontsize=9)
+        ax.set_xlabel("score of the answer (15 bins; answers per bin at the bottom)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy of the answers in the bin")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibration_markdown(document: dict) -> str:
+    """The README's calibration and fast-path table: per task over the seeds."""
+    calibration, fast = document["calibration"], document["fast_path"]
+    lines = ["| task | accuracy | mean score raw → calibrated | temperature (per seed) | ECE raw | ECE calibrated | "
+             "ECE as int8 serves | ECE floor | int8: only fp32 / only int8 right (per seed) | int8 kept |",
+             "| --- |" + " --- |" * 9]
+    for name in document["tasks"]:
+        row, seeds = calibration["by_task"][name], fast["by_task"][name]
+        lines.append(f"| `{name}` | {row['accuracy']:.3f} | {row['confidence_before']:.3f} → {row['confidence_after']:.3f} | "
+                     + ", ".join(f"{t:.2f}" for t in row["temperature"])
+                     + f" | {row['before']:.3f} | {row['after']:.3f} | {row['int8']:.3f} | {row['floor']:.3f} | "
+                     + ", ".join(f"{s['fp32_only_right']}/{s['fast_only_right']}" for s in seeds)
+                     + f" | {sum(s['kept'] for s in seeds)}/{len(seeds)} |")
+    mean, pooled = calibration["mean"], calibration["pooled"]
+    lines.append(f"| **mean over task-seeds** | | | | **{mean['before']['ece']:.3f}** ({mean['before']['interval'][0]:.3f}–"
+                 f"{mean['before']['interval'][1]:.3f}) | **{mean['after']['ece']:.3f}** ({mean['after']['interval'][0]:.3f}–"
+                 f"{mean['after']['interval'][1]:.3f}) | {mean['int8']['ece']:.3f} | {calibration['floor']['mean']:.3f} | "
+                 f"{fast['kept_pooled']['fp32_only_right']}/{fast['kept_pooled']['fast_only_right']} over the kept | "
+                 f"**{fast['kept']}/{fast['task_seeds']}** |")
+    lines.append(f"| **pooled** (every test example in one set) | | | | "
+                 f"{pooled['before']['ece']:.3f} ({pooled['before']['interval'][0]:.3f}–{pooled['before']['interval'][1]:.3f}) | "
+                 f"**{pooled['after']['ece']:.3f}** ({pooled['after']['interval'][0]:.3f}–{pooled['after']['interval'][1]:.3f}) | "
+                 f"{pooled['int8']['ece']:.3f} | {calibration['floor']['pooled']:.3f} | | |")
+    return "\n".join(lines)
+
+
 def bar_chart(table, tasks, path: Path, title: str) -> None:
     import matplotlib
 
@@ -359,11 +536,17 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(SUITE), choices=list(TASKS), metavar="TASK")
     parser.add_argument("--no-baseline-cache", action="store_true",
                         help=f"train the fine-tuning baselines even when {BASELINE_CACHE.name} has their result")
-    parser.add_argument("--max-length", type=int, default=LearnSettings.max_length)
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--markdown", action="store_true", help="print the saved results as a Markdown table, run nothing")
+    parser.add_argument("--analyse-again", action="store_true",
+                        help="run only the analysis, on the measurements the last run kept (ctt-continual[-quick]-measured.json "
+                             "in the temporary folder)")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads((RESULTS / f"continual{'-quick' if args.quick else ''}.json").read_text())))
+        document = json.loads((RESULTS / f"continual{'-quick' if args.quick else ''}.json").read_text())
+        print(markdown(document))
+        if "calibration" in document:
+            print(calibration_markdown(document))
         return
     if args.quick:
         args.seeds, args.train_limit, args.test_limit, args.finetune_epochs = 1, 80, 100, 2
@@ -375,15 +558,15 @@ def main() -> None:
     if missing:
         raise SystemExit(f"continual.py: could not download {', '.join(missing)}")
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit)
-    model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
-    embeddings = {n: (model.embed([e.text for e in train]), model.embed([e.text for e in test]))
-                  for n, (train, test) in tasks.items()}
+    model = ContinualTinyTransformer(load_backbone("minilm"), ModelConfig(max_length=args.max_length))
+    embeddings = {} if args.analyse_again else {
+        n: (model.embed([e.text for e in train]), model.embed([e.text for e in test])) for n, (train, test) in tasks.items()}
     runs = {method: [] for method in METHODS}
     matrices = {method: [] for method in METHODS}
     extra = []
     timings = {}
     from_cache = {"naive": [], "joint": []}  # per seed: read from the cache instead of trained
-    for seed in range(args.seeds):
+    for seed in range(0 if args.analyse_again else args.seeds):
         t = time.perf_counter()
         runs["probe"].append(run_probe(model, tasks, seed, embeddings))
         timings.setdefault("probe", []).append(time.perf_counter() - t)
@@ -410,6 +593,17 @@ def main() -> None:
             matrices[method].append(result["matrix"])
             timings.setdefault(method, []).append(result["seconds"])
 
+    # Everything measured, kept before the analysis: a run of an hour is not lost to a mistake in it
+    # (--analyse-again re-reads it and runs only the analysis).
+    if args.analyse_again:
+        raw = json.loads(measured_file(name).read_text())
+        runs, matrices, extra, timings, from_cache = (raw[key] for key in ("runs", "matrices", "extra", "timings",
+                                                                            "from_cache"))
+        measured_minutes = raw["minutes"]
+    else:
+        measured_minutes = (time.perf_counter() - started) / 60
+        measured_file(name).write_text(json.dumps({"runs": runs, "matrices": matrices, "extra": extra, "timings": timings,
+                                                   "from_cache": from_cache, "minutes": measured_minutes}))
     table = {method: bootstrap(runs[method], tasks) for method in METHODS}
     names = [*tasks, "mean"]
     rows = [[method, *(f"{table[method][n]['mean']:.3f} [{table[method][n]['low']:.3f}, {table[method][n]['high']:.3f}]"
@@ -428,23 +622,44 @@ def main() -> None:
         "naive_mean_forgetting": naive_forgetting,
         "worst_task_int8_loss": max(loss for info in extra for loss in info["int8_accuracy_loss"].values()),
     }
+    calibration = calibration_table(extra, tasks)
+    fast = fast_path_table(extra, tasks)
+    targets.update({
+        "mean_ece_raw": calibration["mean"]["before"]["ece"], "mean_ece_calibrated": calibration["mean"]["after"]["ece"],
+        "mean_ece_calibrated_interval": calibration["mean"]["after"]["interval"],
+        "mean_ece_floor": calibration["floor"]["mean"],
+        "pooled_ece_raw": calibration["pooled"]["before"]["ece"], "pooled_ece_calibrated": calibration["pooled"]["after"]["ece"],
+        "pooled_ece_calibrated_interval": calibration["pooled"]["after"]["interval"],
+        "int8_kept": f"{fast['kept']}/{fast['task_seeds']}", "int8_kept_share": fast["kept"] / fast["task_seeds"],
+        "int8_kept_pooled_loss_points": fast["kept_pooled"]["loss_points"], "int8_kept_pooled_z": fast["kept_pooled"]["z"],
+    })
     print(f"\nCTT − probe: mean {gains['mean']:+.3f}, worst task {targets['worst_task_ctt_minus_probe']:+.3f}; "
           f"CTT BWT {bwt}; joint − CTT {targets['joint_mean_minus_ctt']:+.3f}; "
           f"naive mean forgetting {[round(f, 3) for f in naive_forgetting]}; "
           f"worst int8 loss against fp32 {targets['worst_task_int8_loss']:+.3f}")
-    minutes = (time.perf_counter() - started) / 60
+    minutes = measured_minutes  # the measuring; the analysis takes a minute or two more
     # What the run would have taken had it trained the baselines it read from the cache.
     minutes_uncached = minutes + sum(seconds for method, flags in from_cache.items()
                                      for seconds, flag in zip(timings.get(method, []), flags) if flag) / 60
+    print(f"ECE (mean over task-seeds) raw {targets['mean_ece_raw']:.3f} → calibrated {targets['mean_ece_calibrated']:.3f} "
+          f"[{targets['mean_ece_calibrated_interval'][0]:.3f}, {targets['mean_ece_calibrated_interval'][1]:.3f}] "
+          f"(floor {targets['mean_ece_floor']:.3f}); pooled {targets['pooled_ece_raw']:.3f} → "
+          f"{targets['pooled_ece_calibrated']:.3f}; int8 kept for {targets['int8_kept']} task-seeds, "
+          f"pooled loss there {targets['int8_kept_pooled_loss_points']:+.2f} points (z {targets['int8_kept_pooled_z']:+.2f})")
     print(f"{minutes:.1f} min ({minutes_uncached:.1f} min with every baseline trained)")
     document = {"machine": machine(), "quick": args.quick, "minutes": minutes, "minutes_uncached": minutes_uncached,
                 "settings": vars(args),
                 "tasks": {n: {"corpus": TASKS[n][0], "kind": TASKS[n][1], "what": TASKS[n][2],
                               "train": len(tasks[n][0]), "test": len(tasks[n][1])} for n in tasks},
                 "table": table, "targets": targets, "accuracy_matrices": matrices, "ctt": extra,
+                "calibration": calibration, "fast_path": fast,
                 "seconds": timings, "baselines_from_cache": from_cache, "correct": runs}
     save(name, document)
     print(markdown(document))
+    print(calibration_markdown(document))
+    reliability_diagram(calibration, RESULTS / f"{name}-calibration.png",
+                        f"{'QUICK run: ' if args.quick else ''}CTT, every task and seed of the continual benchmark, "
+                        f"fp32 test sets ({len(extra)} seed(s) × {len(tasks)} tasks)")
     bar_chart(table, list(tasks), RESULTS / f"{name}.png",
               f"{'QUICK run: ' if args.quick else ''}{args.seeds} seed(s), {args.train_limit} training examples per task, "
               f"max_length {args.max_length}")

@@ -28,9 +28,11 @@ import torch  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import SITES, ContinualTinyTransformer, Task  # noqa: E402
+from model.registry import ModelConfig  # noqa: E402
 from model.store import get_version  # noqa: E402
 from training.demo import export_tasks  # noqa: E402
 from training.learn import LearnSettings, learn  # noqa: E402
+from training.settings import DEFAULT_MAX_LENGTH  # noqa: E402
 
 
 # (task, what its texts are): short texts carry the 120 s target, long ones are reported beside.
@@ -52,7 +54,7 @@ def bench_learning(train_limit: int) -> list[dict]:
             seconds = time.perf_counter() - started
             version = get_version(report.tag)
             rows.append({
-                "task": name, "texts": texts, "examples": train_limit, "max_length": settings.max_length,
+                "task": name, "texts": texts, "examples": train_limit, "max_length": settings.max_length or DEFAULT_MAX_LENGTH,
                 "seconds": seconds, "accuracy": report.accuracy[name],
                 "int8_accuracy": report.precision_accuracy["int8"][name],
                 "probe_accuracy": report.probe_accuracy[name], "epochs_run": report.epochs_run,
@@ -62,7 +64,7 @@ def bench_learning(train_limit: int) -> list[dict]:
     return rows
 
 
-def model_with_tasks(backbone, count: int, labels: int = 5) -> ContinualTinyTransformer:
+def model_with_tasks(backbone, count: int, labels: int = 5, max_length: int = DEFAULT_MAX_LENGTH) -> ContinualTinyTransformer:
     """A model holding ``count`` tasks with random modules (speed does not depend on the values)."""
     generator = torch.Generator().manual_seed(count)
     info = backbone.info
@@ -71,7 +73,8 @@ def model_with_tasks(backbone, count: int, labels: int = 5) -> ContinualTinyTran
     bank["head_weight"] = torch.randn(count, labels, info.hidden_size, generator=generator)
     bank["head_bias"] = torch.zeros(count, labels)
     tasks = [Task(f"task{i}", [f"label{j}" for j in range(labels)]) for i in range(count)]
-    return ContinualTinyTransformer(backbone, max_tasks=count, tasks=tasks, bank=bank)
+    return ContinualTinyTransformer(backbone, ModelConfig(max_length=max_length), max_tasks=count, tasks=tasks,
+                                    bank=bank)
 
 
 def model_bytes(model: ContinualTinyTransformer) -> int:

@@ -48,8 +48,7 @@ def grouped(model, texts, tasks) -> None:
 
 def main() -> None:
     torch.set_num_threads(2)
-    model = model_with_tasks(load_backbone("minilm"), 5)
-    model.max_length = 256
+    model = model_with_tasks(load_backbone("minilm"), 5, max_length=256)
     texts = mixed_texts(256, seed=4)
     tasks = [f"task{i % 5}" for i in range(len(texts))]
     timings: dict[str, list[float]] = {"padded to the longest": [], "grouped by length, token budget": []}

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer, TaskModule  # noqa: E402
+from model.registry import ModelConfig  # noqa: E402
 from training.corpora import make_tasks  # noqa: E402
 from training.data import label_set  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
@@ -47,7 +48,7 @@ def main() -> None:
         y_test = torch.tensor([index[e.label] for e in test])
         lengths = [len(ids) for ids in backbone.tokenizer([e.text for e in test])["input_ids"]]
         for max_length in args.lengths:
-            model = ContinualTinyTransformer(backbone, max_length)
+            model = ContinualTinyTransformer(backbone, ModelConfig(max_length=max_length))
             started = time.perf_counter()
             test_features = model.embed([e.text for e in test])
             serve = len(test) / (time.perf_counter() - started)

@@ -27,10 +27,12 @@ import torch  # noqa: E402
 
 from model.backbone import load_backbone  # noqa: E402
 from model.ctt import ContinualTinyTransformer  # noqa: E402
+from model.registry import ModelConfig  # noqa: E402
 from training import recipe  # noqa: E402
 from training.corpora import make_tasks  # noqa: E402
 from training.data import label_set, stratified_split  # noqa: E402
 from training.learn import LearnSettings  # noqa: E402
+from training.settings import DEFAULT_MAX_LENGTH  # noqa: E402
 
 RECIPES = {
     # what `ctt learn` did before: one learning rate, constant, raw held-out loss
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=500)
     parser.add_argument("--test-limit", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--mixes", type=float, nargs="*", default=[],
                         help="also score weight-space mixes of the last epoch with the probe at these alphas")
@@ -133,7 +135,7 @@ def main() -> None:
         summary(json.loads(Path(args.out).read_text())["runs"])
         return
 
-    model = ContinualTinyTransformer(load_backbone("minilm"), args.max_length)
+    model = ContinualTinyTransformer(load_backbone("minilm"), ModelConfig(max_length=args.max_length))
     tasks = make_tasks(tuple(args.tasks), args.train_limit, args.test_limit, seed=args.split_seed)
     out = Path(args.out)
     results = json.loads(out.read_text())["runs"] if out.exists() else []

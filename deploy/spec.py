@@ -145,7 +145,7 @@ def other(color: Color) -> Color:
 def check_image(env: str, image: str) -> str:
     """An image a release may deploy: a well-formed reference, and in production pinned by digest
     (a tag can be moved to other contents after it was tested)."""
-    if not IMAGE_PATTERN.match(image):
+    if not IMAGE_PATTERN.fullmatch(image):
         raise CTTError(f"{image!r} is not an image reference (name[:tag][@sha256:<64 hex digits>])")
     if env == "production" and "@sha256:" not in image:
         raise CTTError(f"production takes images by digest only (name@sha256:...), not {image!r}")
@@ -169,7 +169,7 @@ class ColorPlan(Strict):
     @classmethod
     def _valid_images(cls, images: dict) -> dict:
         for color, image in images.items():
-            if not IMAGE_PATTERN.match(image):
+            if not IMAGE_PATTERN.fullmatch(image):
                 raise ValueError(f"{color}: {image!r} is not an image reference (name[:tag][@sha256:digest])")
         return images
 

@@ -25,11 +25,10 @@ from torch import nn
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
 from model.precision import REFERENCE_PRECISION, check_precision, int8_encoder
-from model.registry import CONFIG_FILE, FORMAT_VERSION, read_config
+from model.registry import CONFIG_FILE, FORMAT_VERSION, ModelConfig, read_config
 from model.settings import default
 
 DEFAULT_MAX_TASKS: int = default("MAX_TASKS")
-DEFAULT_MAX_LENGTH = 64
 # Padded tokens per forward pass in `predict`: 32 texts of 64 tokens, or 8 of 256. On CPU, batches
 # beyond about 8 gain little, so long texts lose almost nothing by running in smaller passes.
 BATCH_TOKEN_BUDGET = 2048
@@ -38,7 +37,7 @@ WEIGHTS_FILE = "tasks.safetensors"
 
 
 def check_task_name(name: str) -> str:
-    if not TASK_NAME_PATTERN.match(name or ""):
+    if not TASK_NAME_PATTERN.fullmatch(name or ""):
         raise CTTError(
             f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -85,7 +84,9 @@ def install_scaling_hooks(encoder: nn.Module) -> None:
 
 
 class TaskModule(nn.Module):
-    """The only trainable part of a task: kilobytes, not megabytes."""
+    """The only trainable part of a task: kilobytes, not megabytes. Its calibration temperature
+    is fitted after training, on examples the module never trained on (training/calibration.py);
+    1 means uncalibrated."""
 
     def __init__(self, num_layers: int, hidden: int, intermediate: int, num_labels: int):
         super().__init__()
@@ -93,6 +94,7 @@ class TaskModule(nn.Module):
         self.value = nn.Parameter(torch.ones(num_layers, hidden))
         self.ffn = nn.Parameter(torch.ones(num_layers, intermediate))
         self.head = nn.Linear(hidden, num_labels)
+        self.register_buffer("temperature", torch.ones(()))
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, num_labels: int) -> "TaskModule":
@@ -130,16 +132,18 @@ class ContinualTinyTransformer(nn.Module):
     def __init__(
         self,
         backbone: Backbone,
-        max_length: int = DEFAULT_MAX_LENGTH,
+        config: ModelConfig,
         max_tasks: int | None = None,
         tasks: Sequence[Task] = (),
         bank: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, not {type(config).__name__}")
         self.backbone = backbone
         self.encoder = backbone.encoder
         self.tokenizer = backbone.tokenizer
-        self.max_length = max_length
+        self.config = config
         # A guard, passed in by whoever builds the model (MAX_TASKS in the settings table).
         self.max_tasks = max_tasks if max_tasks is not None else DEFAULT_MAX_TASKS
         self.tasks = list(tasks)
@@ -149,17 +153,35 @@ class ContinualTinyTransformer(nn.Module):
             )
         self._index = {task.name: i for i, task in enumerate(self.tasks)}
         info = backbone.info
-        self.bank = bank or {
+        self.bank = dict(bank) if bank else {
             "key": torch.empty(0, info.num_layers, info.hidden_size),
             "value": torch.empty(0, info.num_layers, info.hidden_size),
             "ffn": torch.empty(0, info.num_layers, info.intermediate_size),
             "head_weight": torch.empty(0, 0, info.hidden_size),
             "head_bias": torch.empty(0, 0),
         }
+        # A bank without temperatures (format 1, or one built by hand) is uncalibrated: dividing by
+        # one leaves every logit bit-identical.
+        self.bank.setdefault("temperature", torch.ones(len(self.tasks)))
+        temperature = self.bank["temperature"]
+        if temperature.shape != (len(self.tasks),) or not bool(torch.isfinite(temperature).all() and
+                                                              (temperature > 0).all()):
+            raise CTTError(f"the task bank's calibration temperatures are damaged (shape "
+                           f"{tuple(temperature.shape)} for {len(self.tasks)} tasks, or not positive)")
         self.label_mask = torch.zeros(len(self.tasks), self.bank["head_bias"].shape[1], dtype=torch.bool)
         for i, task in enumerate(self.tasks):
             self.label_mask[i, : len(task.labels)] = True
         install_scaling_hooks(self.encoder)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    def with_config(self, config: ModelConfig) -> "ContinualTinyTransformer":
+        """The same tasks and bank under another configuration (a new version's: ModelConfig.for_child)."""
+        if config.max_length != self.config.max_length:
+            raise CTTError(f"max_length is fixed for a lineage: {self.config.max_length}, not {config.max_length}")
+        return type(self)(self.backbone, config, self.max_tasks, self.tasks, self.bank)
 
     # ----- tasks -------------------------------------------------------------------------
     @property
@@ -205,7 +227,12 @@ class ContinualTinyTransformer(nn.Module):
             head_weight[row, :num_labels] = module.head.weight.detach()
             head_bias[row, :num_labels] = module.head.bias.detach()
 
-        bank = {"head_weight": head_weight, "head_bias": head_bias}
+        temperature = self.bank["temperature"].clone()
+        if replacing:
+            temperature[row] = module.temperature.detach()
+        else:
+            temperature = torch.cat([temperature, module.temperature.detach().reshape(1)])
+        bank = {"head_weight": head_weight, "head_bias": head_bias, "temperature": temperature}
         for site in SITES:
             stacked = self.bank[site]
             new_row = getattr(module, site).detach().clone().unsqueeze(0)
@@ -219,7 +246,7 @@ class ContinualTinyTransformer(nn.Module):
             tasks[row] = task
         else:
             tasks.append(task)
-        return ContinualTinyTransformer(self.backbone, self.max_length, self.max_tasks, tasks, bank)
+        return type(self)(self.backbone, self.config, self.max_tasks, tasks, bank)
 
     def task_module(self, name: str) -> TaskModule:
         """A trainable copy of one task's module (e.g. to fine-tune it further)."""
@@ -231,6 +258,7 @@ class ContinualTinyTransformer(nn.Module):
                 getattr(module, site).copy_(self.bank[site][row])
             module.head.weight.copy_(self.bank["head_weight"][row, :num_labels])
             module.head.bias.copy_(self.bank["head_bias"][row, :num_labels])
+            module.temperature.copy_(self.bank["temperature"][row])
         return module
 
     # ----- forward -----------------------------------------------------------------------
@@ -245,7 +273,7 @@ class ContinualTinyTransformer(nn.Module):
         """The shared frozen encoder (fp32) or its quantised copy (int8, model/precision.py)."""
         if check_precision(precision) == REFERENCE_PRECISION:
             return self.encoder
-        return int8_encoder(self.encoder)
+        return int8_encoder(self.encoder, self.config.fast_path)
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                precision: str = REFERENCE_PRECISION) -> torch.Tensor:
@@ -254,8 +282,11 @@ class ContinualTinyTransformer(nn.Module):
         return masked_mean(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                task_ids: torch.Tensor, precision: str = REFERENCE_PRECISION) -> torch.Tensor:
-        """Logits (rows, widest label set); classes a row's task lacks are -inf."""
+                task_ids: torch.Tensor, precision: str = REFERENCE_PRECISION,
+                calibrated: bool = True) -> torch.Tensor:
+        """Logits (rows, widest label set); classes a row's task lacks are -inf. Calibrated logits
+        are each task's divided by its temperature: the same argmax, probabilities users can
+        threshold; ``calibrated=False`` gives the module's raw logits (to measure calibration)."""
         with scaling(self.bank["key"][task_ids], self.bank["value"][task_ids],
                      self.bank["ffn"][task_ids]):
             pooled = self.pooled(input_ids, attention_mask, precision)
@@ -263,7 +294,9 @@ class ContinualTinyTransformer(nn.Module):
         # of how many classes other tasks have, so adding a task cannot perturb old logits.
         logits = (self.bank["head_weight"][task_ids] * pooled.unsqueeze(1)).sum(-1)
         logits = logits + self.bank["head_bias"][task_ids]
-        return logits.masked_fill(~self.label_mask[task_ids], float("-inf"))
+        if calibrated:
+            logits = logits / self.bank["temperature"][task_ids].unsqueeze(1)
+        return logits.masked_fill(~self.label_mask[task_ids], float(self.config.padded_logit))
 
     def forward_module(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        module: TaskModule) -> torch.Tensor:
@@ -281,9 +314,9 @@ class ContinualTinyTransformer(nn.Module):
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str], task_names: Sequence[str],
-               precision: str = REFERENCE_PRECISION) -> torch.Tensor:
+               precision: str = REFERENCE_PRECISION, calibrated: bool = True) -> torch.Tensor:
         task_ids = torch.tensor([self.task_index(name) for name in task_names], dtype=torch.long)
-        return self(**self.tokenize(texts), task_ids=task_ids, precision=precision)
+        return self(**self.tokenize(texts), task_ids=task_ids, precision=precision, calibrated=calibrated)
 
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], task_names: Sequence[str],
@@ -333,22 +366,22 @@ class ContinualTinyTransformer(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.contiguous() for name, tensor in self.bank.items()},
                   str(folder / WEIGHTS_FILE))
-        config = {
+        registry = {
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone.info.to_dict(),
-            "max_length": self.max_length,
+            **self.config.to_dict(),
             "tasks": [task.to_dict() for task in self.tasks],
         }
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (folder / CONFIG_FILE).write_text(json.dumps(registry, indent=2))
 
     @classmethod
     def load(cls, folder: Path, max_tasks: int | None = None) -> "ContinualTinyTransformer":
-        config = read_config(folder)
+        registry = read_config(folder)
         try:
             bank = load_file(str(folder / WEIGHTS_FILE))
         except (OSError, ValueError) as exc:
             raise CTTError(f"{folder} is not a readable CTT model: {exc}") from exc
-        backbone_info = config["backbone"]
+        backbone_info = registry["backbone"]
         backbone = load_verified_backbone(backbone_info["spec"], backbone_info["digest"])
-        tasks = [Task(t["name"], t["labels"], t.get("info", {})) for t in config["tasks"]]
-        return cls(backbone, config["max_length"], max_tasks, tasks, bank)
+        tasks = [Task(t["name"], t["labels"], t.get("info", {})) for t in registry["tasks"]]
+        return cls(backbone, ModelConfig.from_registry(registry), max_tasks, tasks, bank)

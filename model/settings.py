@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from model.errors import CTTError
-from model.precision import MAX_ACCURACY_LOSS, PRECISIONS
+from model.precision import FAST_PATH_Z, MAX_ACCURACY_LOSS, PRECISIONS
 from model.tags import check_model_name
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
@@ -159,9 +159,11 @@ SETTINGS: tuple[Setting, ...] = (
             _whole(8, 100_000)),
     Setting("CTT_TORCH_THREADS", "torch_threads", "1", "torch threads per worker", _whole(1, 64)),
     Setting("CTT_PRECISION", "precision", "int8",
-            "`int8` (dynamically quantised backbone, about 1.5× the forward rate) or `fp32` (the reference); a "
-            f"task is served in int8 only where its version measured it within {100 * MAX_ACCURACY_LOSS:g} "
-            "point of fp32, otherwise in fp32 (`/model` lists each task's)", _choice(*PRECISIONS)),
+            "`int8` (dynamically quantised backbone, each row scaled first; about 1.3× the forward rate) or `fp32` "
+            "(the reference); a task is served in int8 unless its version measured int8 worse (a sign test on the "
+            f"evaluation examples fp32 and int8 classify differently, z > {FAST_PATH_Z:g}; versions before it: "
+            f"within {100 * MAX_ACCURACY_LOSS:g} point), otherwise in fp32 (`/model` lists each task's)",
+            _choice(*PRECISIONS)),
     Setting("JWT_AUDIENCE", "jwt_audience", None, "when set, JWTs must carry this `aud`", _optional_text),
     Setting("JWT_ISSUER", "jwt_issuer", None, "when set, JWTs must carry this `iss`", _optional_text),
     Setting("JWT_MAX_LIFETIME_S", "jwt_max_lifetime_s", "3600",

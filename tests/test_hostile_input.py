@@ -231,3 +231,18 @@ def test_every_store_command_refuses_a_hostile_model_name(capsys, work, monkeypa
     assert_refused(capsys, argv, work["name"])
     monkeypatch.setenv("CTT_MODEL_NAME", work["name"])
     assert [v.tag for v in store.list_versions()] == [work["tag"]]
+
+
+@pytest.mark.parametrize("name", ["topic\n", "topic\r\n", "\ntopic", "to pic", "", "-topic", "t" * 65])
+def test_a_task_name_with_a_line_break_or_anything_outside_the_rule_is_refused(name):
+    from model.ctt import check_task_name
+
+    with pytest.raises(CTTError, match="invalid task name"):
+        check_task_name(name)
+
+
+def test_an_image_reference_with_a_trailing_line_break_is_refused():
+    from deploy.spec import check_image
+
+    with pytest.raises(CTTError, match="not an image reference"):
+        check_image("staging", "registry.example/ctt:1\n")

@@ -62,7 +62,7 @@ def test_registry_round_trip(empty_store, topic_files, micro_settings):
     assert store.task_summaries(version.path) == [{
         "name": "topic", "labels": ["money", "sport"], "accuracy": report.accuracy["topic"],
         "learned_accuracy": report.accuracy["topic"], "probe_accuracy": report.probe_accuracy["topic"],
-        "examples": record["examples"]["topic"]}]
+        "examples": record["examples"]["topic"], "calibration": record["calibration"]["topic"]}]
     assert store.get_version(version.tag.split(":")[1]).tag == version.tag  # bare version accepted
 
 
@@ -232,3 +232,37 @@ def test_the_module_trains_away_from_the_probe_and_records_each_epoch(empty_stor
     assert 0 <= info["best_epoch"] <= 2
     # the head starts at the probe's weights, and the vectors are trained with their own rate
     assert info["probe"].weight.shape == module.head.weight.shape
+
+
+# ----- one model configuration ------------------------------------------------------------------
+def test_an_explicit_max_length_other_than_the_lineages_is_refused_naming_both(
+        empty_store, topic_files, question_files, micro_settings, capsys):
+    from training.cli import main
+
+    first = learn("topic", *topic_files, settings=micro_settings(max_length=32))
+    assert store.get_version(first.tag).load().max_length == 32
+    with pytest.raises(CTTError, match=r"--max-length 64 differs from ctt-test-\w+:\w+'s max_length 32"):
+        learn("question", *question_files, settings=micro_settings(max_length=64))
+    assert len(store_versions()) == 1
+    # Left out, the flag means the lineage's length, and the record says what the model used.
+    second = learn("question", *question_files, settings=micro_settings())
+    record = store.get_version(second.tag).record()
+    assert record["max_length"] == 32 == record["training"]["settings"]["max_length"]
+    assert record["training"]["settings"]["backbone"] == "micro"
+    # As a user meets it: exit 2 and one line naming both lengths.
+    code = main(["learn", "--task", "other", "--train", str(question_files[0]), "--max-length", "128",
+                 "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-length 128 differs" in err and "max_length 32" in err
+    assert "Traceback" not in err and len(store_versions()) == 2
+
+
+def test_a_new_lineage_reads_the_settings_default_length(empty_store, topic_files, micro_settings):
+    from training.settings import DEFAULT_MAX_LENGTH
+
+    report = learn("topic", *topic_files, settings=micro_settings())
+    version = store.get_version(report.tag)
+    assert version.load().max_length == DEFAULT_MAX_LENGTH == version.record()["training"]["settings"]["max_length"]
+    registry = json.loads((version.path / "ctt.json").read_text())
+    assert registry["format_version"] == 2 and registry["max_length"] == DEFAULT_MAX_LENGTH
+    assert registry["fast_path"] == "int8-rows"

@@ -10,6 +10,9 @@ import torch
 from model.backbone import load_backbone
 from model.ctt import ContinualTinyTransformer, Task, TaskModule
 from model.errors import CTTError
+from model.registry import ModelConfig
+
+CONFIG = ModelConfig(max_length=64)
 
 TEXTS = ["the striker scored twice", "shares in the bank fell sharply after the results",
          "is it raining?", "a long sentence " * 12, "tennis"]
@@ -30,7 +33,7 @@ def micro():
 
 
 def model_with(backbone, label_counts, max_tasks=None) -> ContinualTinyTransformer:
-    model = ContinualTinyTransformer(backbone, max_tasks=max_tasks)
+    model = ContinualTinyTransformer(backbone, CONFIG, max_tasks=max_tasks)
     for i, count in enumerate(label_counts):
         model = model.with_task(Task(f"task{i}", [f"label{j}" for j in range(count)]),
                                 random_module(backbone, count, seed=i))
@@ -91,7 +94,7 @@ def test_replacing_a_task_changes_only_that_task(micro):
 def test_task_module_round_trips_through_the_bank(micro):
     model = model_with(micro, [3])
     module = model.task_module("task0")
-    again = ContinualTinyTransformer(micro).with_task(Task("task0", model.task("task0").labels), module)
+    again = ContinualTinyTransformer(micro, CONFIG).with_task(Task("task0", model.task("task0").labels), module)
     assert torch.equal(again.logits(TEXTS, ["task0"] * 5), model.logits(TEXTS, ["task0"] * 5))
 
 
@@ -108,15 +111,15 @@ def test_the_model_never_reads_max_tasks_from_the_environment(micro, monkeypatch
     from model.settings import Settings
 
     monkeypatch.setenv("MAX_TASKS", "1")
-    assert ContinualTinyTransformer(micro).max_tasks == 50
-    assert ContinualTinyTransformer(micro, max_tasks=Settings.from_environ().max_tasks).max_tasks == 1
+    assert ContinualTinyTransformer(micro, CONFIG).max_tasks == 50
+    assert ContinualTinyTransformer(micro, CONFIG, max_tasks=Settings.from_environ().max_tasks).max_tasks == 1
     monkeypatch.setenv("MAX_TASKS", "many")
     with pytest.raises(CTTError, match="MAX_TASKS='many': must be a whole number"):
         Settings.from_environ()
 
 
 def test_a_thousand_tasks_fit_when_allowed(micro):
-    model = ContinualTinyTransformer(micro, max_tasks=1000)
+    model = ContinualTinyTransformer(micro, CONFIG, max_tasks=1000)
     for i in range(1000):
         model = model.with_task(Task(f"t{i}", ["a", "b"]), TaskModule.for_backbone(micro, 2))
     logits = model.logits(TEXTS, ["t0", "t999", "t500", "t1", "t42"])
@@ -131,7 +134,7 @@ def test_unknown_task_lists_the_known_ones(micro):
 
 def test_invalid_task_name(micro):
     with pytest.raises(CTTError, match="invalid task name"):
-        ContinualTinyTransformer(micro).with_task(Task("bad name!", ["a", "b"]), TaskModule.for_backbone(micro, 2))
+        ContinualTinyTransformer(micro, CONFIG).with_task(Task("bad name!", ["a", "b"]), TaskModule.for_backbone(micro, 2))
 
 
 def test_save_and_load_give_identical_logits(micro, tmp_path):
@@ -166,7 +169,7 @@ def test_a_local_model_folder_is_a_backbone(micro, tmp_path):
     backbone = load_backbone(str(tmp_path))
     assert backbone.info.digest == sha256_file(tmp_path / "model.safetensors")
     assert backbone.info.hidden_size == micro.info.hidden_size
-    model = ContinualTinyTransformer(backbone).with_task(Task("t", ["a", "b"]), random_module(backbone, 2, seed=1))
+    model = ContinualTinyTransformer(backbone, CONFIG).with_task(Task("t", ["a", "b"]), random_module(backbone, 2, seed=1))
     assert model.logits(TEXTS, ["t"] * 5).shape == (5, 2)
 
 
@@ -188,3 +191,49 @@ def test_length_grouped_prediction_matches_row_by_row(micro):
         assert (got.task, got.label) == (alone.task, alone.label)
         for label, probability in alone.probabilities.items():
             assert got.probabilities[label] == pytest.approx(probability, abs=1e-5)
+
+
+# ----- the model's configuration ----------------------------------------------------------------
+def test_the_configuration_is_one_object_saved_with_the_version(micro, tmp_path):
+    from model.registry import FORMAT_VERSION, read_config
+
+    with pytest.raises(TypeError):
+        ModelConfig()  # no max_length of its own: a new lineage takes LearnSettings', a child its parent's
+    with pytest.raises(TypeError):
+        ContinualTinyTransformer(micro)
+    for bad in ({"max_length": 0}, {"max_length": "64"}, {"max_length": 64, "fast_path": "int4"},
+                {"max_length": 64, "calibration": "platt"}):
+        with pytest.raises(CTTError):
+            ModelConfig(**bad)
+    model = model_with(micro, [2, 3])
+    model.save(tmp_path)
+    registry = read_config(tmp_path)
+    assert registry["format_version"] == FORMAT_VERSION
+    assert ModelConfig.from_registry(registry) == model.config == ContinualTinyTransformer.load(tmp_path).config
+    assert ModelConfig(max_length=32, fast_path="int8-dynamic").for_child() == ModelConfig(max_length=32)
+
+
+def test_a_version_saved_in_format_1_loads_uncalibrated_on_the_int8_path_it_was_measured_on(micro, tmp_path):
+    from safetensors.torch import save_file
+
+    model = model_with(micro, [2, 3])
+    save_file({k: v.contiguous() for k, v in model.bank.items() if k != "temperature"}, str(tmp_path / "tasks.safetensors"))
+    (tmp_path / "ctt.json").write_text(json.dumps({
+        "format_version": 1, "backbone": micro.info.to_dict(), "max_length": 64,
+        "tasks": [task.to_dict() for task in model.tasks]}))
+    loaded = ContinualTinyTransformer.load(tmp_path)
+    assert loaded.config == ModelConfig(max_length=64, fast_path="int8-dynamic")
+    assert loaded.bank["temperature"].tolist() == [1.0, 1.0]
+    names = ["task0", "task1", "task0", "task1", "task1"]
+    assert torch.equal(loaded.logits(TEXTS, names), model.logits(TEXTS, names))
+    for damaged in ({"format_version": 3}, {"format_version": "1"}, ["not", "a", "registry"]):
+        (tmp_path / "ctt.json").write_text(json.dumps(damaged))
+        with pytest.raises(CTTError, match="unsupported CTT model format"):
+            ContinualTinyTransformer.load(tmp_path)
+
+
+def test_a_damaged_temperature_is_refused(micro):
+    model = model_with(micro, [2])
+    for bad in (torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([float("nan")]), torch.ones(2)):
+        with pytest.raises(CTTError, match="calibration temperatures are damaged"):
+            ContinualTinyTransformer(micro, CONFIG, tasks=model.tasks, bank={**model.bank, "temperature": bad})

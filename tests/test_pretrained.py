@@ -45,3 +45,24 @@ def test_learn_two_real_tasks_register_reload_predict(empty_store, tmp_path):
         ["bbc-topic", "bbc-topic"])
     assert [p.label for p in predictions] == ["sports", "business"]
     assert all(0.5 < p.score <= 1.0 for p in predictions)
+    # The fast path on the real encoder: mixed-task passes of both tasks' test texts agree with fp32
+    # within the stated tolerance, closer than the plain dynamic int8 path does.
+    from dataclasses import replace
+    from statistics import mean, median
+
+    from model.precision import MIXED_BATCH_LABEL_AGREEMENT, MIXED_BATCH_MEDIAN_DRIFT
+
+    rows = [(task, example.text) for task, (_, test_file) in files.items() for example in read_labelled(test_file)[:40]]
+    texts, tasks = [text for _, text in rows], [task for task, _ in rows]
+    int8 = dict.fromkeys(files, "int8")
+    fp32 = model.predict(texts, tasks)
+    drift = {}
+    for path in ("int8-rows", "int8-dynamic"):
+        served = model.with_config(replace(model.config, fast_path=path)).predict(texts, tasks, precisions=int8)
+        drift[path] = [max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities)
+                       for a, b in zip(fp32, served)]
+        if path == "int8-rows":
+            assert median(drift[path]) <= MIXED_BATCH_MEDIAN_DRIFT
+            assert sum(a.label == b.label for a, b in zip(fp32, served)) / len(rows) >= MIXED_BATCH_LABEL_AGREEMENT
+    assert mean(drift["int8-rows"]) < mean(drift["int8-dynamic"])
+    assert all(store.get_version().record()["calibration"][task]["method"] == "temperature" for task in files)

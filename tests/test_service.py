@@ -143,6 +143,14 @@ def test_read_only_routes(server, served_model):
     record = version.record()
     assert card["precision"]["setting"] == "int8"
     assert card["precision"]["tasks"] == served_precisions("int8", ["topic", "question", "length"], record)
+    # ... and why: the examples only fp32 and only int8 classified right, and the rule applied.
+    evidence = card["precision"]["evidence"]
+    assert set(evidence) == {"topic", "question", "length"}
+    assert all(verdict["kept"] == (card["precision"]["tasks"][task] == "int8") for task, verdict in evidence.items())
+    # Each task says how its scores are calibrated, as the version recorded it.
+    assert [t["calibration"] for t in tasks["tasks"]] == [record["calibration"][t] for t in ("topic", "question", "length")]
+    assert all(t["calibration"]["method"] == "temperature" and t["calibration"]["temperature"] >= 1
+               for t in tasks["tasks"])
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.get(f"{url}/livez").status_code == 200
     assert httpx.get(f"{url}/readyz").status_code == 200

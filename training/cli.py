@@ -10,8 +10,8 @@ from pathlib import Path
 
 from deploy.cli import add_deploy_parser
 from model.errors import CTTError
-from model.precision import MAX_ACCURACY_LOSS, accuracy_loss, served_precisions
-from training.settings import SELECT_ON, learn_default
+from model.precision import FAST_PATH_Z, MAX_ACCURACY_LOSS, fast_path_verdicts
+from training.settings import DEFAULT_MAX_LENGTH, SELECT_ON, learn_default
 from training.demo import DEMO_TRAIN_LIMIT
 from training.backup import DEFAULT_LIMITS
 
@@ -86,12 +86,21 @@ def _table(headers: list[str], rows: list[list], stream=None) -> None:
 
 
 # ----- commands ---------------------------------------------------------------------------
-def precision_report(report) -> dict[str, float]:
-    """Tasks the service will serve in fp32 although int8 was measured, with their int8 loss."""
-    record = {"accuracy": report.accuracy, "precision_accuracy": report.precision_accuracy}
-    served = served_precisions("int8", list(report.accuracy), record)
-    return {name: loss for name, loss in accuracy_loss(record, "int8").items()
-            if loss is not None and served[name] != "int8"}
+def precision_report(report) -> dict[str, dict]:
+    """Tasks the service will serve in fp32 although int8 was measured, with the evidence."""
+    record = {"accuracy": report.accuracy, "precision_accuracy": report.precision_accuracy,
+              "precision_paired": report.precision_paired}
+    return {name: verdict for name, verdict in fast_path_verdicts(record, "int8", list(report.accuracy)).items()
+            if verdict["loss"] is not None and not verdict["kept"]}
+
+
+def _refusal(name: str, verdict: dict) -> str:
+    loss = f"{100 * verdict['loss']:.1f} points"
+    if "fp32_only_right" in verdict:
+        return (f"task {name!r} is worse in int8: {verdict['fp32_only_right']} examples only fp32 classifies right, "
+                f"{verdict['fast_only_right']} only int8 ({loss}; a sign test at z > {FAST_PATH_Z:g}): "
+                "the service serves it in fp32")
+    return f"task {name!r} loses {loss} in int8 (more than {100 * MAX_ACCURACY_LOSS:.1f}): the service serves it in fp32"
 
 
 def _check_backbone(spec: str | None) -> None:
@@ -137,12 +146,28 @@ def cmd_learn(args) -> int:
         print(f"replaced the existing task {report.task!r} (its old module is gone from this version)",
               file=sys.stderr)
     int8 = report.precision_accuracy.get("int8", {})
+    calibration = report.calibration
     rows = [[name, report.accuracy[name], int8.get(name), report.learned_accuracy[name],
-             report.probe_accuracy.get(name), report.forgetting.get(name)] for name in report.tasks]
-    _table(["task", "accuracy", "int8", "when learned", "probe", "forgetting"], rows, stream=sys.stderr)
-    for name, loss in precision_report(report).items():
-        print(f"task {name!r} loses {100 * loss:.1f} points in int8 (more than {100 * MAX_ACCURACY_LOSS:.1f}): "
-              "the service serves it in fp32", file=sys.stderr)
+             report.probe_accuracy.get(name), report.forgetting.get(name),
+             calibration.get(name, {}).get("ece_before"), calibration.get(name, {}).get("ece_after")]
+            for name in report.tasks]
+    _table(["task", "accuracy", "int8", "when learned", "probe", "forgetting", "ECE raw", "ECE calibrated"], rows,
+           stream=sys.stderr)
+    new = calibration.get(report.task, {})
+    if new.get("method") == "temperature":
+        fitted = (f"temperature {new['temperature']:.3f}" if new["temperature"] > 1 else
+                  "temperature 1 (the held-out slice shows no overconfidence to correct)")
+        same = " (the same examples: give --eval for an independent measure)" if new.get("ece_in_sample") else ""
+        print(f"scores of {report.task!r} calibrated: {fitted}, fitted on {new['fitted_examples']} held-out "
+              f"examples; ECE {new['ece_before']:.3f} → {new['ece_after']:.3f} on {new['ece_examples']} evaluation "
+              f"examples{same}, where perfectly calibrated scores would show about {new['ece_floor']:.3f}",
+              file=sys.stderr)
+    uncalibrated = [name for name in report.tasks if calibration.get(name, {}).get("method") == "none"]
+    if uncalibrated:
+        print(f"uncalibrated (learned before calibrated scores existed; re-learn to calibrate): "
+              f"{', '.join(uncalibrated)}", file=sys.stderr)
+    for name, verdict in precision_report(report).items():
+        print(_refusal(name, verdict), file=sys.stderr)
     if report.relearn_gate:
         from training.gate import describe_gate
 
@@ -508,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to register if the new task scores below this")
     p.add_argument("--backbone", help="for a first version: 'minilm' (default), 'micro', or a model folder")
     p.add_argument("--max-length", type=int, default=learn_default("max_length"),
-                   help="for a first version: tokens read per text (fixed for the whole lineage)")
+                   help=f"tokens read per text, fixed for the whole lineage (default: the lineage's; "
+                        f"{DEFAULT_MAX_LENGTH} for a first version); a value other than the lineage's is refused")
     p.add_argument("--stage", default="development", help="stage label on the version")
     p.add_argument("--owner", help="owner label on the version (default: $USER)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

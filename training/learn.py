@@ -10,23 +10,27 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.ctt import ContinualTinyTransformer, Task, check_task_name
+from model.registry import ModelConfig
 from model.errors import CTTError
 from model.precision import PRECISIONS, REFERENCE_PRECISION
 from model.store import METRICS_FILE, Version, get_version, has_versions, model_name, register_version, store_lock
 from model.tags import parse_tag
 from training.data import Example, cap_stratified, label_set, read_labelled, read_training_file, stratified_split
-from training.evaluate import ContinualMetrics, accuracies_as_served, accuracy, continual_metrics
+from training.calibration import calibration_errors, fit_temperature
+from training.evaluate import ContinualMetrics, accuracy_of, continual_metrics, predictions_as_served, task_logits
 from training.feedback import FeedbackBatch, describe_contradictions, vet_feedback
 from training.gate import describe_gate, relearned_task_gate
 from training.recipe import train_task_module
-from training.settings import SELECT_ON, LearnSettings  # noqa: F401  (LearnSettings is defined there, torch-free)
+from training.settings import (  # noqa: F401  (LearnSettings is defined there, torch-free)
+    DEFAULT_MAX_LENGTH, SELECT_ON, LearnSettings,
+)
 from training.report import write_accuracy_matrix_plot
 
 
@@ -41,7 +45,9 @@ class LearnReport(ContinualMetrics):
     tasks: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     probe_accuracy: dict[str, float | None] = field(default_factory=dict)
+    calibration: dict[str, dict] = field(default_factory=dict)  # task → temperature, ECE before and after
     precision_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # int8: task → accuracy
+    precision_paired: dict[str, dict[str, dict]] = field(default_factory=dict)  # int8: task → paired counts
     accuracy_matrix: dict = field(default_factory=dict)
     epochs_run: int = 0
     best_epoch: int = 0
@@ -67,7 +73,8 @@ class LearnReport(ContinualMetrics):
             **{name: record[name] for name in metric_names},
             tag=record["tag"], parent=record["parent"], task=record["new_task"], replaced=record["replaced"],
             tasks=record["tasks"], labels=record["labels"][record["new_task"]],
-            probe_accuracy=record["probe_accuracy"], precision_accuracy=record.get("precision_accuracy", {}),
+            probe_accuracy=record["probe_accuracy"], calibration=record.get("calibration", {}),
+            precision_accuracy=record.get("precision_accuracy", {}), precision_paired=record.get("precision_paired", {}),
             accuracy_matrix=record["accuracy_matrix"],
             epochs_run=training["epochs_run"], best_epoch=training["best_epoch"],
             train_examples=examples["train_examples"], eval_examples=examples["eval_examples"],
@@ -91,9 +98,17 @@ def starting_point(from_tag: str | None, settings: LearnSettings) -> tuple[Conti
                 f"--backbone {settings.backbone!r} differs from {parent.tag}'s backbone "
                 f"{model.backbone.info.spec!r}; a version cannot change its backbone"
             )
-        return model, parent
+        if settings.max_length is not None and settings.max_length != model.max_length:
+            raise CTTError(
+                f"--max-length {settings.max_length} differs from {parent.tag}'s max_length {model.max_length}: "
+                f"every version of a lineage reads the same number of tokens, so that old tasks keep their "
+                f"logits (leave --max-length out to use {model.max_length}, or start a new lineage under "
+                f"another CTT_MODEL_NAME)"
+            )
+        return model.with_config(model.config.for_child()), parent
     backbone = load_backbone(settings.backbone or DEFAULT_BACKBONE)
-    return ContinualTinyTransformer(backbone, settings.max_length, settings.max_tasks), None
+    config = ModelConfig(max_length=settings.max_length or DEFAULT_MAX_LENGTH)
+    return ContinualTinyTransformer(backbone, config, settings.max_tasks), None
 
 
 def _parent_facts(parent: Version | None, base: ContinualTinyTransformer) -> dict:
@@ -110,6 +125,52 @@ def _parent_facts(parent: Version | None, base: ContinualTinyTransformer) -> dic
                 key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info},
         }
     return facts
+
+
+# What a later recalibration of each task needs: the raw logits of its module on its held-out slice
+# (examples it never trained on), with the targets; carried from version to version like the
+# evaluation sets. Tasks learned before calibration existed have none.
+HELD_OUT_LOGITS_FILE = "held_out_logits.json"
+UNCALIBRATED = "learned before calibrated scores existed, with no held-out logits kept: scores as they were"
+
+
+def _held_out_logits(parent: Version | None, model: ContinualTinyTransformer, task_name: str,
+                     logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    kept = {}
+    if parent is not None:
+        try:
+            kept = json.loads((parent.path / HELD_OUT_LOGITS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            kept = {}
+        except ValueError:
+            raise CTTError(f"{parent.tag}: {HELD_OUT_LOGITS_FILE} is not valid JSON") from None
+    kept = {name: kept[name] for name in model.task_names if name in kept and name != task_name}
+    kept[task_name] = {"logits": [[round(value, 6) for value in row] for row in logits.tolist()],
+                       "targets": targets.tolist()}
+    return kept
+
+
+def _calibration_record(model: ContinualTinyTransformer, raw_logits: dict, parent: Version | None,
+                        task_name: str, held_out_examples: int, in_sample: bool) -> dict:
+    """Per task: how its scores are calibrated and the ECE of its raw and calibrated scores on its
+    evaluation set, measured now. A task of an older version keeps what that version recorded
+    (uncalibrated if nothing was)."""
+    previous = (parent.record() if parent else {}).get("calibration", {})
+    record = {}
+    for name, (logits, targets) in raw_logits.items():
+        temperature = float(model.bank["temperature"][model.task_index(name)])
+        if name == task_name:
+            how = {"method": "temperature", "fitted_on": "held-out slice", "fitted_examples": held_out_examples,
+                   # Without --eval the evaluation set is the held-out slice: ECE after is then in-sample.
+                   "ece_in_sample": in_sample}
+        elif isinstance(previous.get(name), dict) and previous[name].get("method") == "temperature":
+            how = {key: previous[name][key] for key in ("method", "fitted_on", "fitted_examples", "ece_in_sample")
+                   if key in previous[name]}
+        else:
+            how = {"method": "none", "reason": UNCALIBRATED}
+        record[name] = {**how, "temperature": temperature, "ece_examples": len(targets),
+                        **calibration_errors(logits, targets, temperature)}
+    return record
 
 
 def store_metadata(record: dict) -> dict:
@@ -221,6 +282,12 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
     label_index = {label: i for i, label in enumerate(labels)}
     probe_accuracy = probe.accuracy(base.embed([e.text for e in evaluation]),
                                     torch.tensor([label_index[e.label] for e in evaluation]))
+    # The calibration: one temperature fitted on the held-out slice, which the module never trained on.
+    held_out_targets = torch.tensor([label_index[e.label] for e in held_out])
+    with torch.no_grad():
+        module.temperature.fill_(fit_temperature(training["held_out_logits"], held_out_targets))
+    _say(settings, f"calibration: temperature {float(module.temperature):.3f}, fitted on {len(held_out)} "
+                   "held-out examples")
 
     # Evaluate every task on its own stored evaluation set: old numbers are measured, not copied.
     facts = _parent_facts(parent, base)
@@ -230,14 +297,30 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
         evaluation if t.name == task_name else [Example(**e) for e in parent.eval_set(base.task_index(t.name))]
         for t in model.tasks
     ]
-    measured = {t.name: accuracy(model, t.name, examples_, progress=settings.progress)
-                for t, examples_ in zip(model.tasks, eval_sets)}
-    # Every task in every faster precision too, in mixed passes as served: the service serves a task
-    # in int8 only where this record shows it within MAX_ACCURACY_LOSS of fp32 (model/precision.py).
-    _say(settings, "measuring every task in int8, in mixed passes as the service runs them")
-    precision_accuracy = {precision: accuracies_as_served(model, {t.name: s for t, s in zip(model.tasks, eval_sets)},
-                                                          precision)
-                          for precision in PRECISIONS if precision != REFERENCE_PRECISION}
+    raw_logits = {t.name: task_logits(model, t.name, examples_, progress=settings.progress, calibrated=False)
+                  for t, examples_ in zip(model.tasks, eval_sets)}
+    measured = {name: accuracy_of(*logits) for name, logits in raw_logits.items()}
+    calibration = _calibration_record(model, raw_logits, parent, task_name, len(held_out),
+                                      in_sample=evaluation is held_out)
+    # Every task in every faster precision too, in mixed passes as served, with the examples only
+    # fp32 or only the fast precision classifies right: the service serves a task in int8 unless
+    # those show int8 worse (model/precision.py).
+    _say(settings, f"measuring every task in int8 ({model.config.fast_path}), in mixed passes as the service runs them")
+    precision_accuracy, precision_paired = {}, {}
+    for precision in PRECISIONS:
+        if precision == REFERENCE_PRECISION:
+            continue
+        served = predictions_as_served(model, {t.name: s for t, s in zip(model.tasks, eval_sets)}, precision)
+        precision_accuracy[precision], precision_paired[precision] = {}, {}
+        for name, (logits, targets) in raw_logits.items():
+            reference_right = (logits.argmax(-1) == targets).tolist()
+            labels = model.task(name).labels
+            right = [p.label in labels and labels.index(p.label) == t for p, t in zip(served[name], targets.tolist())]
+            precision_accuracy[precision][name] = sum(right) / len(right) if right else 0.0
+            precision_paired[precision][name] = {
+                "examples": len(right),
+                "fp32_only_right": sum(r and not f for r, f in zip(reference_right, right)),
+                "fast_only_right": sum(f and not r for r, f in zip(reference_right, right))}
     facts[task_name] = {
         "learned_accuracy": measured[task_name], "probe_accuracy": probe_accuracy,
         "examples": {"train_examples": len(fit), "held_out_examples": len(held_out), "eval_examples": len(evaluation)},
@@ -287,23 +370,31 @@ def _learn_locked(task_name, labels, fit, held_out, evaluation, from_tag, settin
         "max_length": model.max_length,
         **asdict(metrics),
         "precision_accuracy": precision_accuracy,
+        "precision_paired": precision_paired,
         "probe_accuracy": {name: facts[name]["probe_accuracy"] for name in model.task_names},
+        "calibration": calibration,
         "examples": {name: facts[name]["examples"] for name in model.task_names},
         "accuracy_matrix": matrix,
         "training": {"epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
                      "module_parameters": module_parameters, "module_bytes": module_parameters * 4,
                      "backbone_parameters": model.backbone.info.parameters,
-                     "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "wait")}},
+                     # What this version used: the lineage's length and backbone, whatever was asked.
+                     "settings": {k: v for k, v in asdict(replace(
+                         settings, max_length=model.max_length, backbone=model.backbone.info.spec)).items()
+                         if k not in ("progress", "wait")}},
     }
     if feedback_info is not None:
         record["feedback"] = feedback_info  # which stored rows (up to which id) this version learned
     if gate is not None:
         record["relearn_gate"] = gate  # the relearned task against the parent's module, and any override
 
+    held_out_logits = _held_out_logits(parent, model, task_name, training["held_out_logits"], held_out_targets)
+
     def write_record(folder: Path, tag: str) -> None:
         record["tag"] = tag
         matrix["rows"].append({"version": tag, "learned": task_name, "accuracy": measured})
         (folder / METRICS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        (folder / HELD_OUT_LOGITS_FILE).write_text(json.dumps(held_out_logits), encoding="utf-8")
         write_accuracy_matrix_plot(matrix, record["probe_accuracy"], folder / "accuracy_matrix.png")
 
     register_version(

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model.ctt import ContinualTinyTransformer, TaskModule
+from model.precision import worse_by_sign_test
 from training.data import Example
 from training.probe import fit_probe
 
@@ -95,10 +96,7 @@ SIGN_TEST_Z = 2.0  # how clearly the probe must beat the last epoch on held-out 
 def significantly_worse(correct: torch.Tensor, reference_correct: torch.Tensor, z: float = SIGN_TEST_Z) -> bool:
     """A sign test on the examples where two classifiers disagree: True when ``reference`` is
     right on more of them than ``correct`` by over ``z`` standard deviations (ties: 0)."""
-    reference_only = int((reference_correct & ~correct).sum())
-    only = int((correct & ~reference_correct).sum())
-    disagreements = reference_only + only
-    return disagreements > 0 and (reference_only - only) > z * math.sqrt(disagreements)
+    return worse_by_sign_test(int((reference_correct & ~correct).sum()), int((correct & ~reference_correct).sum()), z)
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor) -> Score:
@@ -147,6 +145,7 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
     probe_logits = held_out_logits(model, module, held_out)
     best = score(probe_logits, held_targets)
     best_state, best_epoch, stale, epochs_run = copy.deepcopy(module.state_dict()), 0, 0, 0
+    best_logits = probe_logits
     history = [{"epoch": 0, **best.__dict__}]
     if on_epoch:
         on_epoch(0, module)
@@ -169,6 +168,7 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
             continue
         if now.key(settings.select_on) > best.key(settings.select_on):
             best, best_epoch, stale, best_state = now, epoch, 0, copy.deepcopy(module.state_dict())
+            best_logits = logits
         else:
             stale += 1
             if stale >= settings.patience:
@@ -179,9 +179,11 @@ def train_task_module(model: ContinualTinyTransformer, labels: list[str], fit: l
             _say(settings, f"the last epoch is significantly worse than the probe on the held-out slice "
                            f"(sign test, z > {SIGN_TEST_Z:g}): keeping the probe")
         else:
-            best_epoch, best_state = epochs_run, module.state_dict()
+            best_epoch, best_state, best_logits = epochs_run, module.state_dict(), logits
     module.load_state_dict(best_state)
-    return module, {"probe": probe, "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history}
+    # The kept module's held-out logits: what its calibration is fitted on (training/calibration.py).
+    return module, {"probe": probe, "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history,
+                    "held_out_logits": best_logits}
 
 
 def _train_one_epoch(model, module, optimiser, scheduler, epoch_batches, label_index, vectors, description,

@@ -45,7 +45,9 @@ class LearnSettings:
     max_feedback_contradictions: float = 0.2
     allow_contradictions: bool = False
     backbone: str | None = None  # only for a model started from the bare backbone
-    max_length: int = DEFAULT_MAX_LENGTH  # only for a model started from the bare backbone
+    # Tokens read per text. None: the lineage's (DEFAULT_MAX_LENGTH for a model started from the bare
+    # backbone); a value that differs from the parent's is refused (training/learn.py).
+    max_length: int | None = None
     stage: str = "development"
     owner: str = field(default_factory=lambda: os.environ.get("USER") or "unknown")
     progress: bool = True
@@ -71,7 +73,7 @@ class LearnSettings:
             raise CTTError("--max-feedback-contradictions is a fraction between 0 and 1")
         if self.relearn_z <= 0:
             raise CTTError("the relearned task's sign-test threshold (relearn_z) must be positive")
-        if self.max_length < 8:
+        if self.max_length is not None and self.max_length < 8:
             raise CTTError("--max-length must be at least 8 tokens")
 
 

@@ -104,7 +104,7 @@ def parse_api_keys(text: str | None, name: str = "API_KEY") -> list[ApiKey]:
                 raise CTTError(f"{where}: expected 'SECRET [id=NAME] [permissions=a,b]', got an option "
                                f"that is not id= or permissions=")
             if field == "id":
-                if not KEY_ID_PATTERN.match(value):
+                if not KEY_ID_PATTERN.fullmatch(value):
                     raise CTTError(f"{where}: id= takes 1-64 letters, digits, '.', '_' or '-'")
                 key_id = value
             else:

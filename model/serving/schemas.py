@@ -163,6 +163,19 @@ def feedback_stats_request_model(since_pattern: str) -> type[BaseModel]:
     return FeedbackStatsRequest
 
 
+class TaskCalibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str = Field(description='"temperature", or "none" for a task learned before calibrated scores.')
+    temperature: float = Field(description="The task's logits are divided by it (1: scores as the module gives them).")
+    ece_before: float | None = Field(None, description="Expected calibration error (top label, 15 bins) of the raw "
+                                                       "scores on the task's evaluation set.")
+    ece_after: float | None = Field(None, description="The same for the scores as served.")
+    ece_floor: float | None = Field(None, description="About what perfectly calibrated scores would show on a set "
+                                                      "this size.")
+    ece_examples: int | None = Field(None, description="Evaluation examples the ECE was measured on.")
+
+
 class TaskSummary(BaseModel):
     model_config = ConfigDict(extra="allow")  # later versions' records may say more
 
@@ -172,6 +185,8 @@ class TaskSummary(BaseModel):
     learned_accuracy: float | None = Field(None, description="Accuracy when the task was (last) learned.")
     probe_accuracy: float | None = Field(None, description="The logistic-regression probe's accuracy (reference line).")
     examples: dict[str, int] = Field(default_factory=dict, description="Training, held-out and evaluation examples.")
+    calibration: TaskCalibration | None = Field(
+        None, description="How the task's scores are calibrated; null for versions registered before calibrated scores.")
 
 
 class TasksDocument(BaseModel):
@@ -182,7 +197,10 @@ class TasksDocument(BaseModel):
 class PrecisionDocument(BaseModel):
     setting: str = Field(description="What CTT_PRECISION asked for.")
     tasks: dict[str, str] = Field(description="The precision each task is served in.")
-    max_accuracy_loss: float = Field(description="How far below fp32 a task may measure and still be served in int8.")
+    evidence: dict[str, dict] = Field(
+        default_factory=dict, description="Per task, why it is served in the requested precision or in fp32: the "
+                                          "examples only fp32 and only the fast path classified right, the accuracy "
+                                          "loss and the rule applied.")
 
 
 class ModelCard(BaseModel):

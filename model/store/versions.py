@@ -112,8 +112,9 @@ read_metrics = read_record  # the name the service and older code use
 
 def task_summaries(folder: str | Path) -> list[dict]:
     """What ``/tasks`` serves, from the version's record: per task its labels, accuracy now and
-    when learned, the probe's accuracy and example counts. Versions registered before the record
-    held these fall back to the task registry's ``info``."""
+    when learned, the probe's accuracy, example counts and calibration (its temperature and ECE
+    before and after; None for versions before calibrated scores). Versions registered before the
+    record held these fall back to the task registry's ``info``."""
     from model.registry import read_config
 
     record = read_record(folder)
@@ -129,6 +130,7 @@ def task_summaries(folder: str | Path) -> list[dict]:
             "probe_accuracy": record.get("probe_accuracy", {}).get(name, info.get("probe_accuracy")),
             "examples": record.get("examples", {}).get(name) or {
                 key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info},
+            "calibration": record.get("calibration", {}).get(name),
         })
     return summaries
 
