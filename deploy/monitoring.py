@@ -12,7 +12,7 @@ import json
 
 from deploy.feedback_monitoring import feedback_alert_rules, feedback_panels, feedback_rule_tests
 from deploy.manifests import labels
-from deploy.spec import APP, EnvironmentSpec
+from deploy.spec import APP, RUNBOOK_URL, EnvironmentSpec
 
 CLASSIFY = 'endpoint="/classify"'
 
@@ -61,8 +61,18 @@ def alert_rules(namespace: str) -> list[dict]:
     ]
 
 
+def runbook(alert: str) -> str:
+    """The alert's section of the runbooks page: docs/operating.md titles each section with the
+    alert's name alone, so GitHub's anchor for it is the name in lower case."""
+    return f"{RUNBOOK_URL}#{alert.lower()}"
+
+
 def rule_groups(namespace: str) -> dict:
-    return {"groups": [{"name": f"{APP}.rules", "rules": alert_rules(namespace) + feedback_alert_rules(namespace)}]}
+    rules = alert_rules(namespace) + feedback_alert_rules(namespace)
+    # Every alert links to what the on-call should do about it (Alertmanager and Grafana show it).
+    rules = [{**rule, "annotations": {**rule["annotations"], "runbook_url": runbook(rule["alert"])}}
+             for rule in rules]
+    return {"groups": [{"name": f"{APP}.rules", "rules": rules}]}
 
 
 def prometheus_rule(spec: EnvironmentSpec) -> dict:
@@ -138,7 +148,13 @@ def rule_tests(namespace: str, rules_file: str) -> dict:
              pod_alert("critical", "Pod {pod} is in CrashLoopBackOff"), "8m"),
         case([_series(waiting, crash, "0x10")], "CTTCrashLooping", None, "8m"),
     ]
-    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests + feedback_rule_tests(namespace)}
+    tests += feedback_rule_tests(namespace)
+    # promtool compares every annotation, so each firing case expects its alert's runbook too.
+    for test in tests:
+        for rule_test in test["alert_rule_test"]:
+            for alert in rule_test["exp_alerts"]:
+                alert["exp_annotations"]["runbook_url"] = runbook(rule_test["alertname"])
+    return {"rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests}
 
 
 def dashboard(spec: EnvironmentSpec) -> dict:

@@ -42,6 +42,10 @@ IMAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
 # The Services: the live one behind the Ingress, and the preview one (ClusterIP only) a release checks.
 LIVE_SERVICE = APP
 PREVIEW_SERVICE = f"{APP}-preview"
+# Where the on-call reads what to do about an alert: every alert's runbook_url annotation is this
+# page plus the alert's own section (docs/operating.md has one per alert). Point it at your fork or
+# internal docs site if that is where the on-call reads the docs, then `make manifests`.
+RUNBOOK_URL = "https://github.com/ctt-project/ctt/blob/main/docs/operating.md"
 
 
 class Strict(BaseModel):
