@@ -464,7 +464,7 @@ def reliability_diagram(calibration: dict, path: Path, title: str) -> None:
 
 
 def calibration_markdown(document: dict) -> str:
-    """The README's calibration and fast-path table: per task over the seeds."""
+    """docs/benchmarks.md's calibration and fast-path table: per task over the seeds."""
     calibration, fast = document["calibration"], document["fast_path"]
     lines = ["| task | accuracy | mean score raw → calibrated | temperature (per seed) | ECE raw | ECE calibrated | "
              "ECE as int8 serves | ECE floor | int8: only fp32 / only int8 right (per seed) | int8 kept |",
@@ -514,7 +514,7 @@ def bar_chart(table, tasks, path: Path, title: str) -> None:
 
 
 def markdown(document: dict) -> str:
-    """The README's table: per task and mean, over the seeds, with 95 % bootstrap intervals."""
+    """docs/benchmarks.md's table: per task and mean, over the seeds, with 95 % bootstrap intervals."""
     table, tasks = document["table"], list(document["tasks"])
     lines = ["| method | " + " | ".join(tasks) + " | **mean** |", "| --- |" + " --- |" * (len(tasks) + 1)]
     for method in METHODS:

@@ -1,8 +1,8 @@
 """Every setting CTT reads from its environment, defined once.
 
 ``SETTINGS`` is the table: name, default, meaning, whether it is a secret, and where it applies.
-Everything else is derived from it: ``Settings`` (what the service and the CLI read), the
-README's configuration table (``python -m model.settings``), the Kubernetes ConfigMap
+Everything else is derived from it: ``Settings`` (what the service and the CLI read),
+the configuration table of docs/operating.md (``python -m model.settings``), the Kubernetes ConfigMap
 (``deploy/manifests.py``) and the Ingress body limit; ``bentofile.yaml`` is checked against it by
 a test. Nothing below ``model/`` reads the environment on its own: values are passed in.
 
@@ -265,7 +265,7 @@ class Settings:
 
 
 def settings_markdown() -> str:
-    """The README's configuration table."""
+    """The configuration table of docs/operating.md."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
         name = f"`{s.name}`" + (f" / `{s.name}_FILE`" if s.secret else "")
