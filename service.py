@@ -24,7 +24,7 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
@@ -47,7 +47,8 @@ from model.serving.metrics import Metrics
 from model.serving.routes import (API_METHODS, API_PATHS, CLASSIFY_PATH, FEEDBACK_PATH, FEEDBACK_STATS_PATH,
                                   FORWARD_PASS_PATH, HEALTH_PATH, MODEL_PATH, PUBLIC_API_PATHS, TASKS_PATH)
 from model.serving.schemas import (ErrorBody, FeedbackStats, Health, ModelCard, NoInput, PassOutcome, Prediction,
-                                   Problem, TasksDocument, classify_request_model, feedback_stats_request_model)
+                                   Problem, TasksDocument, TaskSummary, classify_request_model,
+                                   feedback_stats_request_model)
 from model.settings import REQUEST_TIMEOUT_S, SecretSource, Settings
 
 # torch and the model are imported in the workers only (see __init__): BentoML's supervisor
@@ -190,8 +191,6 @@ class CTT:
     def __init__(self) -> None:
         import torch
 
-        from model.store import read_record, task_summaries
-
         configure_json_logging(settings)
         quiet_client_errors(API_EXCEPTION_LOGGER, frozenset(API_PATHS))
         torch.set_num_threads(settings.torch_threads)
@@ -203,8 +202,7 @@ class CTT:
         self.tag = str(self.model_ref.tag)
         self.info = self.model_ref.info
         self.registry = read_config(folder)
-        self.record = read_record(folder)
-        self.tasks_summary = TasksDocument(version=self.tag, tasks=task_summaries(folder))
+        self.record, self.tasks_summary = self._describe(folder)
         # Each task in CTT_PRECISION unless this version's measurements show it worse there than in
         # fp32 (model/precision.py says how), else fp32.
         task_names = [t["name"] for t in self.registry["tasks"]]
@@ -229,6 +227,28 @@ class CTT:
         self.loader = RetryingLoader(lambda: self._load(folder), settings.load_attempts,
                                      on_loaded=self._loaded).start()
 
+    def _describe(self, folder: Path) -> tuple[dict, TasksDocument]:
+        """The version's record and what /tasks says about each task. A damaged record must not
+        stop the worker here: it serves what it can read, and the digest check of the load (whose
+        error /health shows) refuses a version whose files changed after registration."""
+        from model.store import read_record, task_summaries
+
+        names_and_labels = [{"name": t["name"], "labels": t["labels"]} for t in self.registry["tasks"]]
+        try:
+            record, summaries = read_record(folder), task_summaries(folder)
+        except CTTError as exc:
+            logger.error(f"{self.tag}: its record cannot be read ({exc}); /tasks gives names and labels only")
+            return {}, TasksDocument(version=self.tag, tasks=names_and_labels)
+        tasks = []
+        for summary, minimal in zip(summaries, names_and_labels):
+            try:
+                tasks.append(TaskSummary.model_validate(summary))
+            except ValidationError:
+                logger.error(f"{self.tag}: the record's entry for task {minimal['name']!r} is damaged; "
+                             "/tasks gives its name and labels only")
+                tasks.append(TaskSummary.model_validate(minimal))
+        return record, TasksDocument(version=self.tag, tasks=tasks)
+
     # ----- model life ---------------------------------------------------------------------
     def _load(self, folder: Path):
         from model.ctt import ContinualTinyTransformer
@@ -240,6 +260,10 @@ class CTT:
         model = ContinualTinyTransformer.load(folder, settings.max_tasks)
         self.precisions = warm_up_or_fall_back(lambda precisions: self._warm_up(model, precisions),
                                                self.precisions, lambda message: logger.error(message, exc_info=True))
+        for task, verdict in self.fast_path_evidence.items():
+            if verdict.get("kept") and self.precisions.get(task) == REFERENCE_PRECISION:
+                self.fast_path_evidence[task] = {**verdict, "kept": False,
+                                                 "rule": "the fast precision failed to warm up on this machine: fp32"}
         # One full pass of realistic texts: what a pass costs, before any request is measured.
         width = min(settings.max_batch_size, 32)
         started = time.perf_counter()

@@ -25,7 +25,7 @@ from torch import nn
 from model.backbone import Backbone, load_verified_backbone
 from model.errors import CTTError
 from model.precision import REFERENCE_PRECISION, check_precision, int8_encoder
-from model.registry import CONFIG_FILE, FORMAT_VERSION, ModelConfig, read_config
+from model.registry import CONFIG_FILE, FORMAT_VERSION, MAX_TEMPERATURE, MIN_TEMPERATURE, ModelConfig, read_config
 from model.settings import default
 
 DEFAULT_MAX_TASKS: int = default("MAX_TASKS")
@@ -164,10 +164,17 @@ class ContinualTinyTransformer(nn.Module):
         # one leaves every logit bit-identical.
         self.bank.setdefault("temperature", torch.ones(len(self.tasks)))
         temperature = self.bank["temperature"]
-        if temperature.shape != (len(self.tasks),) or not bool(torch.isfinite(temperature).all() and
-                                                              (temperature > 0).all()):
+        # Only what `ctt learn` can write: a temperature near zero or huge would turn every score
+        # into NaN or a uniform guess (and the label with it).
+        if (temperature.shape != (len(self.tasks),) or not torch.is_floating_point(temperature)
+                or not bool(((temperature >= MIN_TEMPERATURE) & (temperature <= MAX_TEMPERATURE)).all())):
             raise CTTError(f"the task bank's calibration temperatures are damaged (shape "
-                           f"{tuple(temperature.shape)} for {len(self.tasks)} tasks, or not positive)")
+                           f"{tuple(temperature.shape)} for {len(self.tasks)} tasks, or outside "
+                           f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}])")
+        max_positions = getattr(backbone.encoder.config, "max_position_embeddings", None)
+        if max_positions is not None and self.config.max_length > max_positions:
+            raise CTTError(f"max_length {self.config.max_length} is more than the backbone reads "
+                           f"({max_positions} tokens)")
         self.label_mask = torch.zeros(len(self.tasks), self.bank["head_bias"].shape[1], dtype=torch.bool)
         for i, task in enumerate(self.tasks):
             self.label_mask[i, : len(task.labels)] = True
@@ -347,11 +354,15 @@ class ContinualTinyTransformer(nn.Module):
                 continue
             padded = self.tokenizer.pad({"input_ids": [ids[r] for r in rows], "attention_mask": [masks[r] for r in rows]},
                                         return_tensors="pt")
-            logits = self(padded["input_ids"], padded["attention_mask"], torch.tensor([task_ids[r] for r in rows]),
-                          precision=row_precision[rows[0]])
-            for row, probabilities in zip(rows, torch.softmax(logits, -1)):
+            pass_task_ids = torch.tensor([task_ids[r] for r in rows])
+            raw = self(padded["input_ids"], padded["attention_mask"], pass_task_ids, precision=row_precision[rows[0]],
+                       calibrated=False)
+            calibrated = torch.softmax(raw / self.bank["temperature"][pass_task_ids].unsqueeze(1), -1)
+            # The label is the raw logits' argmax, as the version measured it: dividing by a
+            # temperature cannot move it, but rounding in softmax can break a near tie the other way.
+            for row, logits, probabilities in zip(rows, raw, calibrated):
                 labels = self.tasks[task_ids[row]].labels
-                best = int(probabilities.argmax())
+                best = int(logits.argmax())
                 predictions[row] = Prediction(
                     task=task_names[row], label=labels[best], score=float(probabilities[best]),
                     probabilities={label: float(p) for label, p in zip(labels, probabilities)},

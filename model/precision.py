@@ -31,7 +31,7 @@ never assumed: `ctt learn` measures every task in fp32 and in int8 on its evalua
 passes that mix every task's evaluation rows, as the service's passes do) and records, besides
 both accuracies, how many examples only fp32 and only int8 classify right. A task is served in int8
 unless those examples show int8 worse: a sign test, refused when int8 loses by more than
-``FAST_PATH_Z`` standard deviations (``fast_path_refused``). The previous rule, a loss of at most
+``FAST_PATH_Z`` standard deviations (``fast_path_verdicts``). The previous rule, a loss of at most
 ``MAX_ACCURACY_LOSS``, decided on one example of a 200-example set; it remains for versions that
 recorded accuracies only. Anything else (an older version that never measured int8, a damaged
 record, a machine where the int8 path fails to warm up) is served in fp32.
@@ -207,12 +207,17 @@ def worse_by_sign_test(only_reference_right: int, only_candidate_right: int, z: 
     return disagreements > 0 and only_reference_right - only_candidate_right > z * math.sqrt(disagreements)
 
 
-def _paired(record: Mapping, precision: str, task: str) -> tuple[int, int] | None:
-    """(examples only fp32 classified right, examples only ``precision`` did), as the version
-    recorded them; None where it did not (an older version, or a damaged record)."""
+# More evaluation examples than any version holds: counts beyond it are a damaged record.
+MAX_RECORDED_EXAMPLES = 10 ** 9
+
+
+def _paired(record: Mapping, precision: str, task: str) -> tuple[int, int, int] | None:
+    """(examples only fp32 classified right, examples only ``precision`` did, examples measured),
+    as the version recorded them; None where it did not (an older version, or a damaged record)."""
     counts = _mapping(_mapping(_mapping(record.get("precision_paired")).get(precision)).get(task))
-    values = (counts.get("fp32_only_right"), counts.get("fast_only_right"))
-    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    values = (counts.get("fp32_only_right"), counts.get("fast_only_right"), counts.get("examples"))
+    if (all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RECORDED_EXAMPLES for v in values)
+            and values[0] + values[1] <= values[2]):
         return values  # type: ignore[return-value]
     return None
 
@@ -227,9 +232,15 @@ def fast_path_verdicts(record: Mapping, precision: str, tasks: list[str]) -> dic
         paired = _paired(record, precision, task)
         loss = losses.get(task)
         if paired is not None:
-            kept = not worse_by_sign_test(*paired, FAST_PATH_Z)
-            verdicts[task] = {"kept": kept, "loss": loss, "fp32_only_right": paired[0], "fast_only_right": paired[1],
-                              "rule": f"sign test, z > {FAST_PATH_Z:g} refuses"}
+            only_reference, only_fast, examples = paired
+            # The counts and the two accuracies are one measurement: a record where they disagree
+            # (or the fast accuracy is missing) was not written by `ctt learn`, and keeps fp32.
+            consistent = loss is not None and examples > 0 and abs(loss - (only_reference - only_fast) / examples) < 1e-6
+            kept = consistent and not worse_by_sign_test(only_reference, only_fast, FAST_PATH_Z)
+            verdicts[task] = {"kept": kept, "loss": loss, "fp32_only_right": only_reference,
+                              "fast_only_right": only_fast,
+                              "rule": f"sign test, z > {FAST_PATH_Z:g} refuses" if consistent else
+                              "the record's counts disagree with its accuracies: fp32"}
         else:
             kept = loss is not None and loss <= MAX_ACCURACY_LOSS + 1e-12
             verdicts[task] = {"kept": kept, "loss": loss,

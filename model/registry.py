@@ -23,6 +23,15 @@ READABLE_FORMATS = (1, 2)
 # the task is learned; 1 for a task that was never calibrated). Dividing by a positive number never
 # changes which label is largest.
 CALIBRATION_FORMAT = "temperature"
+# The temperatures a version may hold. Calibration only ever softens a module's scores: a held-out
+# slice the module gets entirely right pulls the likelihood's optimum towards T = 0 (certainty),
+# which a few dozen examples cannot justify. Beyond MAX_TEMPERATURE scores carry nothing. A bank
+# outside these bounds was not written by `ctt learn` and is refused when it is loaded.
+MIN_TEMPERATURE = 1.0
+MAX_TEMPERATURE = 100.0
+# Tokens a version may read per text at most: BERT-family position tables end at 512, and the
+# backbone's own limit is checked when a model is built on it.
+MAX_LENGTH_LIMIT = 512
 # Classes a row's task lacks (every head is padded to the widest label set in the version) get
 # this logit, so their probability is exactly zero.
 PADDED_LOGIT = "-inf"
@@ -43,8 +52,10 @@ class ModelConfig:
     padded_logit: str = PADDED_LOGIT
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 1:
-            raise CTTError(f"max_length must be a positive whole number of tokens, not {self.max_length!r}")
+        if (not isinstance(self.max_length, int) or isinstance(self.max_length, bool)
+                or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
+            raise CTTError(f"max_length must be a whole number of tokens from 1 to {MAX_LENGTH_LIMIT}, "
+                           f"not {self.max_length!r}")
         if self.fast_path not in FAST_PATHS:
             raise CTTError(f"unsupported fast path {self.fast_path!r} (this code serves {', '.join(FAST_PATHS)})")
         if self.calibration != CALIBRATION_FORMAT:
@@ -63,11 +74,18 @@ class ModelConfig:
 
     @classmethod
     def from_registry(cls, registry: dict) -> "ModelConfig":
-        """The configuration a ``ctt.json`` holds (format 1 held only ``max_length``, and was
-        measured on the plain dynamic int8 path)."""
-        values = {name: registry[name] for name in ("max_length", "fast_path", "calibration", "padded_logit")
-                  if name in registry}
-        values.setdefault("fast_path", LEGACY_FAST_PATH)
+        """The configuration a ``ctt.json`` holds. Format 1 held only ``max_length`` and was
+        measured on the plain dynamic int8 path, whatever else the file says; format 2 must name
+        every field (a field left out would silently take this code's default)."""
+        fields = ("max_length", "fast_path", "calibration", "padded_logit")
+        if registry.get("format_version") == 1:
+            values = {"max_length": registry.get("max_length"), "fast_path": LEGACY_FAST_PATH}
+        else:
+            missing = [name for name in fields if name not in registry]
+            if missing:
+                raise CTTError(f"{CONFIG_FILE} of format {registry.get('format_version')} lacks "
+                               f"{', '.join(missing)}: the version is damaged")
+            values = {name: registry[name] for name in fields}
         return cls(**values)
 
 

@@ -13,9 +13,10 @@ from hypothesis import given, settings, strategies as st
 from model import store
 from model.backbone import load_backbone
 from model.ctt import SITES, ContinualTinyTransformer, Task
+from model.errors import CTTError
 from model.registry import CONFIG_FILE, ModelConfig
 from tests.conftest import MONEY, QUESTION, SPORT, STATEMENT
-from training.calibration import (MIN_TEMPERATURE, ece_floor, expected_calibration_error, fit_temperature,
+from training.calibration import (MAX_TEMPERATURE, MIN_TEMPERATURE, ece_floor, expected_calibration_error, fit_temperature,
                                   reliability)
 from training.learn import HELD_OUT_LOGITS_FILE, UNCALIBRATED, learn
 
@@ -41,7 +42,7 @@ UNCALIBRATED_MODEL = model_with_temperatures([1.0, 1.0, 1.0])
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=3, max_size=3),
+@given(st.lists(st.floats(min_value=MIN_TEMPERATURE, max_value=MAX_TEMPERATURE), min_size=3, max_size=3),
        st.sampled_from(["fp32", "int8"]))
 def test_calibration_never_changes_a_label_in_any_precision(temperatures, precision):
     calibrated = model_with_temperatures(temperatures)
@@ -62,15 +63,15 @@ def test_calibration_never_changes_a_label_in_any_precision(temperatures, precis
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_the_stored_temperature_is_applied_after_saving_and_loading_in_each_precision(tmp_path, precision):
-    model = model_with_temperatures([2.5, 1.0, 0.5])
+    model = model_with_temperatures([2.5, 1.0, 7.0])
     model.save(tmp_path)
     loaded = ContinualTinyTransformer.load(tmp_path)
-    assert loaded.bank["temperature"].tolist() == [2.5, 1.0, 0.5]
+    assert loaded.bank["temperature"].tolist() == [2.5, 1.0, 7.0]
     tasks = ["t0", "t1", "t2"] * 4
     texts = TEXTS[: len(tasks)]
     raw = loaded.logits(texts, tasks, precision=precision, calibrated=False)
     calibrated = loaded.logits(texts, tasks, precision=precision)
-    temperatures = torch.tensor([[2.5], [1.0], [0.5]] * 4)
+    temperatures = torch.tensor([[2.5], [1.0], [7.0]] * 4)
     finite = torch.isfinite(raw)
     torch.testing.assert_close(calibrated[finite], (raw / temperatures).expand_as(raw)[finite])
     served = loaded.predict(texts, tasks, precisions=dict.fromkeys(loaded.task_names, precision))
@@ -167,3 +168,81 @@ def test_a_task_learned_before_calibration_keeps_its_scores_and_is_marked_uncali
     assert torch.equal(new.logits(TEXTS, ["topic"] * len(TEXTS)), loaded.logits(TEXTS, ["topic"] * len(TEXTS)))
     assert "topic" not in json.loads((store.get_version(child.tag).path / HELD_OUT_LOGITS_FILE).read_text())
     assert math.isclose(new.bank["temperature"][0].item(), 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 0.5, MAX_TEMPERATURE * 1.01, 1e30, float("nan"), float("inf"), 0.0, -1.0])
+def test_a_bank_with_a_temperature_ctt_learn_cannot_write_is_refused(temperature):
+    with pytest.raises(CTTError, match="temperatures are damaged"):
+        model_with_temperatures([1.0, temperature, 1.0])
+
+
+def test_an_integer_temperature_tensor_is_refused():
+    model = UNCALIBRATED_MODEL
+    bank = {**model.bank, "temperature": torch.ones(len(model.tasks), dtype=torch.int64)}
+    with pytest.raises(CTTError, match="temperatures are damaged"):
+        ContinualTinyTransformer(model.backbone, model.config, tasks=model.tasks, bank=bank)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 37.0, MAX_TEMPERATURE])
+def test_the_label_is_the_raw_argmax_even_where_softmax_rounds_a_near_tie(temperature):
+    model = model_with_temperatures([temperature, 1.0, 1.0])
+    # A head whose two classes differ by less than float32 softmax resolves after dividing by T.
+    model.bank["head_weight"][0] = 0.0
+    model.bank["head_bias"][0, :2] = torch.tensor([0.3, 0.3000001])
+    prediction = model.predict(["any text"], ["t0"])[0]
+    assert prediction.label == "y"
+
+
+@pytest.mark.parametrize("registry", [
+    {"format_version": 2, "max_length": 64},  # format 2 must name every field
+    {"format_version": 2, "max_length": 64, "fast_path": "int8-rows", "calibration": "temperature"},
+    {"format_version": 2, "max_length": 10 ** 30, "fast_path": "int8-rows", "calibration": "temperature",
+     "padded_logit": "-inf"},
+    {"format_version": 1, "max_length": 0},
+    {"format_version": 1},
+])
+def test_a_damaged_configuration_is_one_clear_error(registry):
+    with pytest.raises(CTTError):
+        ModelConfig.from_registry(registry)
+
+
+def test_a_format_1_configuration_is_measured_on_the_legacy_int8_path_whatever_it_names():
+    from model.precision import LEGACY_FAST_PATH
+
+    config = ModelConfig.from_registry({"format_version": 1, "max_length": 64, "fast_path": "int8-rows"})
+    assert config.fast_path == LEGACY_FAST_PATH
+
+
+def test_a_max_length_beyond_what_the_backbone_reads_is_refused(monkeypatch):
+    backbone = load_backbone("micro")
+    monkeypatch.setattr(backbone.encoder.config, "max_position_embeddings", 32)
+    with pytest.raises(CTTError, match="more than the backbone reads"):
+        ContinualTinyTransformer(backbone, ModelConfig(max_length=64))
+
+
+@pytest.mark.parametrize("damage", [
+    {"calibration": None}, {"calibration": ["x"]}, {"calibration": {"topic": "warm"}},
+    {"calibration": {"topic": {"method": "temperature", "temperature": float("nan")}}},
+    {"accuracy": "high"}, {"examples": {"topic": [1]}}, {"labels": {"topic": ["not", "these"]}},
+])
+def test_a_damaged_record_leaves_tasks_with_names_labels_and_what_still_reads(empty_store, topic_files,
+                                                                              micro_settings, damage):
+    from model.serving.schemas import TaskSummary
+
+    version = store.get_version(learn("topic", *topic_files, settings=micro_settings()).tag)
+    labels = version.load().task("topic").labels
+    metrics = version.path / store.METRICS_FILE
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), **damage}))
+    summary = store.task_summaries(version.path)[0]
+    assert summary["name"] == "topic" and summary["labels"] == labels
+    try:
+        TaskSummary.model_validate(summary)
+    except Exception:  # what the service then does: names and labels only
+        TaskSummary.model_validate({"name": summary["name"], "labels": summary["labels"]})
+
+
+def test_a_record_that_is_not_an_object_is_one_clear_error(empty_store, topic_files, micro_settings):
+    version = store.get_version(learn("topic", *topic_files, settings=micro_settings()).tag)
+    (version.path / store.METRICS_FILE).write_text("[1, 2]")
+    with pytest.raises(CTTError, match="not a JSON object"):
+        store.read_record(version.path)

@@ -124,6 +124,25 @@ def test_int8_is_refused_only_where_the_examples_fp32_and_int8_classify_differen
         assert served_precisions("int8", ["t"], broken) == {"t": "fp32"}, damaged
 
 
+def test_counts_that_disagree_with_the_recorded_accuracies_or_overflow_keep_fp32():
+    def record(int8_accuracy, counts) -> dict:
+        return {"accuracy": {"t": 0.9}, "precision_accuracy": {"int8": {"t": int8_accuracy}},
+                "precision_paired": {"int8": {"t": counts}}}
+
+    # No discordant example, yet int8 measured 70 points lower: not one measurement.
+    inconsistent = record(0.2, {"examples": 200, "fp32_only_right": 0, "fast_only_right": 0})
+    assert served_precisions("int8", ["t"], inconsistent) == {"t": "fp32"}
+    assert "disagree" in fast_path_verdicts(inconsistent, "int8", ["t"])["t"]["rule"]
+    # No int8 accuracy at all, or counts no evaluation set could hold.
+    assert served_precisions("int8", ["t"], record(None, {"examples": 200, "fp32_only_right": 0,
+                                                         "fast_only_right": 0})) == {"t": "fp32"}
+    for counts in ({"examples": 10 ** 400, "fp32_only_right": 10 ** 400, "fast_only_right": 0},
+                   {"examples": 2, "fp32_only_right": 5, "fast_only_right": 0}):
+        # Counts that cannot be are no counts: the accuracy rule decides, without an overflow.
+        assert served_precisions("int8", ["t"], record(0.85, counts)) == {"t": "fp32"}
+        assert served_precisions("int8", ["t"], record(0.9, counts)) == {"t": "int8"}
+
+
 def test_learn_records_every_task_in_every_precision(tmp_path):
     from model.store import get_version
 

@@ -375,8 +375,12 @@ def test_api_keys_rotate_in_place_without_a_restart(served_model, tmp_path):
         key_file.write_bytes(new.encode() + b" \xff\xfe\n")
         # Keys that cannot be read authenticate nobody: 503 with Retry-After, and the pod not Ready
         # (it was 500 on every call while /readyz stayed 200).
-        assert eventually(lambda: classify(url, item, headers={"X-API-Key": new}).status_code == 503)
-        refused = classify(url, item, headers={"X-API-Key": new})
+        # Each worker re-reads the file on its own clock: check the refusal a worker gave, not the
+        # next answer (which may come from a worker that has not looked yet).
+        refusals = []
+        assert eventually(lambda: refusals.append(classify(url, item, headers={"X-API-Key": new}))
+                          or refusals[-1].status_code == 503)
+        refused = refusals[-1]
         assert refused.headers["retry-after"] and "cannot read its credentials" in refused.json()["error"]
         assert eventually(lambda: httpx.get(f"{url}/readyz").status_code == 503)
         key_file.write_text(f"{new}\n")

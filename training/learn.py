@@ -155,7 +155,8 @@ def _calibration_record(model: ContinualTinyTransformer, raw_logits: dict, paren
     """Per task: how its scores are calibrated and the ECE of its raw and calibrated scores on its
     evaluation set, measured now. A task of an older version keeps what that version recorded
     (uncalibrated if nothing was)."""
-    previous = (parent.record() if parent else {}).get("calibration", {})
+    previous = (parent.record() if parent else {}).get("calibration")
+    previous = previous if isinstance(previous, dict) else {}
     record = {}
     for name, (logits, targets) in raw_logits.items():
         temperature = float(model.bank["temperature"][model.task_index(name)])

@@ -164,7 +164,7 @@ def feedback_stats_request_model(since_pattern: str) -> type[BaseModel]:
 
 
 class TaskCalibration(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     method: str = Field(description='"temperature", or "none" for a task learned before calibrated scores.')
     temperature: float = Field(description="The task's logits are divided by it (1: scores as the module gives them).")
@@ -177,7 +177,8 @@ class TaskCalibration(BaseModel):
 
 
 class TaskSummary(BaseModel):
-    model_config = ConfigDict(extra="allow")  # later versions' records may say more
+    # Later versions' records may say more; a NaN would be sent as JSON null where a number is promised.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str
     labels: list[str]

@@ -100,11 +100,14 @@ def read_record(folder: str | Path) -> dict:
     matrix, forgetting, BWT, probe accuracies, per-task sizes, training settings. Empty for
     versions registered without one."""
     try:
-        return json.loads((Path(folder) / METRICS_FILE).read_text(encoding="utf-8"))
+        record = json.loads((Path(folder) / METRICS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError:
         raise CTTError(f"{folder}: {METRICS_FILE} is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise CTTError(f"{folder}: {METRICS_FILE} is not a JSON object")
+    return record
 
 
 read_metrics = read_record  # the name the service and older code use
@@ -114,23 +117,30 @@ def task_summaries(folder: str | Path) -> list[dict]:
     """What ``/tasks`` serves, from the version's record: per task its labels, accuracy now and
     when learned, the probe's accuracy, example counts and calibration (its temperature and ECE
     before and after; None for versions before calibrated scores). Versions registered before the
-    record held these fall back to the task registry's ``info``."""
+    record held these fall back to the task registry's ``info``. A part of the record of the wrong
+    shape (a damaged or hand-edited file) reads as absent; labels always come from the registry the
+    model is built from."""
     from model.registry import read_config
+
+    def section(mapping, key) -> dict:
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        return value if isinstance(value, dict) else {}
 
     record = read_record(folder)
     registry = read_config(Path(folder))
     summaries = []
     for task in registry["tasks"]:
-        name, info = task["name"], task.get("info") or {}
+        name, info = task["name"], task.get("info") if isinstance(task.get("info"), dict) else {}
+        examples = section(section(record, "examples"), name) or {
+            key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info}
         summaries.append({
             "name": name,
-            "labels": record.get("labels", {}).get(name, task["labels"]),
-            "accuracy": record.get("accuracy", {}).get(name),
-            "learned_accuracy": record.get("learned_accuracy", {}).get(name, info.get("learned_accuracy")),
-            "probe_accuracy": record.get("probe_accuracy", {}).get(name, info.get("probe_accuracy")),
-            "examples": record.get("examples", {}).get(name) or {
-                key: info[key] for key in ("train_examples", "held_out_examples", "eval_examples") if key in info},
-            "calibration": record.get("calibration", {}).get(name),
+            "labels": task["labels"],
+            "accuracy": section(record, "accuracy").get(name),
+            "learned_accuracy": section(record, "learned_accuracy").get(name, info.get("learned_accuracy")),
+            "probe_accuracy": section(record, "probe_accuracy").get(name, info.get("probe_accuracy")),
+            "examples": examples,
+            "calibration": section(section(record, "calibration"), name) or None,
         })
     return summaries
 
