@@ -56,7 +56,7 @@ from training.corpora import SUITE, TASKS, ensure_corpus_packages, make_tasks  #
 from training.data import label_set, stratified_split  # noqa: E402
 from training.probe import fit_probe  # noqa: E402
 from model.precision import fast_path_verdicts  # noqa: E402
-from training.calibration import ece_floor, expected_calibration_error, ece_of, probabilities, reliability, top_label  # noqa: E402
+from training.calibration import bootstrap_interval, ece_floor, expected_calibration_error, ece_of, probabilities, reliability, top_label  # noqa: E402
 from training.settings import DEFAULT_MAX_LENGTH, LearnSettings  # noqa: E402
 
 METHODS = ("probe", "naive", "ctt", "joint")
@@ -381,12 +381,7 @@ def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 
             draws[kind]["pooled"].append(ece_of(torch.cat([row[kind][0][pick] for row, pick in zip(rows, picks)]),
                                                 torch.cat([row[kind][1][pick] for row, pick in zip(rows, picks)])))
 
-    def interval(point: float, values: list[float]) -> list[float]:
-        """The 2.5-97.5 % range of the resamples, moved by the bootstrap's own bias: a resample
-        repeats examples, which inflates ECE, so its resamples sit above the estimate itself."""
-        values = sorted(values)
-        shift = sum(values) / len(values) - point
-        return [values[int(0.025 * len(values))] - shift, values[min(len(values) - 1, int(0.975 * len(values)))] - shift]
+    interval = bootstrap_interval
 
     pooled = {kind: ece_of(torch.cat([row[kind][0] for row in rows]), torch.cat([row[kind][1] for row in rows]))
               for kind in kinds}

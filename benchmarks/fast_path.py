@@ -49,8 +49,7 @@ from model.registry import ModelConfig  # noqa: E402
 from training.corpora import SUITE  # noqa: E402
 from training.evaluate import predictions_as_served  # noqa: E402
 from training.settings import DEFAULT_MAX_LENGTH  # noqa: E402
-
-QUICK_TASKS = ("bbc-topic", "tweet-sentiment", "bbc-headline-or-body", "bbc-headline-topic")
+from benchmarks.continual import QUICK_TASKS  # noqa: E402
 
 
 # ----- candidates this script defines (the served ones live in model/precision.py) ---------------

@@ -24,7 +24,7 @@ import torch
 from model.backbone import load_backbone
 from model.ctt import ContinualTinyTransformer, Task, TaskModule
 from model.registry import ModelConfig
-from training.corpora import make_tasks
+from training.corpora import TASKS, ensure_corpus_packages, make_tasks
 from training.data import Example, label_set, stratified_split
 from training.recipe import train_task_module
 from training.settings import DEFAULT_MAX_LENGTH, LearnSettings
@@ -65,6 +65,9 @@ def _key(name: str, seed: int, train: list[Example], settings: LearnSettings, ba
 def trained_tasks(names, seeds, train_limit: int, test_limit: int, retrain: bool = False) -> dict[int, list[TrainedTask]]:
     """Per seed, every task's trained module with its held-out slice and test set (trained or read
     from the cache)."""
+    missing = ensure_corpus_packages({TASKS[name][0] for name in names}, say=lambda line: print(line, file=sys.stderr))
+    if missing:
+        raise SystemExit(f"cannot get the corpora's packages: {', '.join(missing)}")
     backbone = load_backbone("minilm")
     model = ContinualTinyTransformer(backbone, ModelConfig(max_length=DEFAULT_MAX_LENGTH))
     tasks = make_tasks(tuple(names), train_limit, test_limit)

@@ -46,6 +46,11 @@ def test_the_readme_is_a_front_door():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_no_number_is_left_to_fill_in(page):
+    assert "⟨" not in page.read_text(encoding="utf-8"), f"{page.name} holds a placeholder (⟨...⟩) for a measurement"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_relative_link_resolves(page):
     assert broken_links(page, PROJECT) == []
 

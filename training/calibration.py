@@ -55,6 +55,14 @@ def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE
     return rows
 
 
+def bootstrap_interval(point: float, resampled: list[float]) -> list[float]:
+    """The 2.5-97.5 % range of an ECE's bootstrap resamples, moved by the bootstrap's own bias: a
+    resample repeats examples, which inflates ECE, so its resamples sit above the estimate itself."""
+    values = sorted(resampled)
+    shift = sum(values) / len(values) - point
+    return [values[int(0.025 * len(values))] - shift, values[min(len(values) - 1, int(0.975 * len(values)))] - shift]
+
+
 def ece_of(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
     """ECE from each answer's score and rightness: per bin, (answers / all) · |accuracy − mean
     score|, which is |rights − summed scores| / all."""
