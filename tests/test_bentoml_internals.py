@@ -15,6 +15,7 @@ from pathlib import Path
 
 import bentoml
 import pytest
+from pydantic import BaseModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,3 +139,32 @@ def test_bentoml_reports_api_exceptions_on_the_logger_we_filter():
         target.removeHandler(handler)
     assert len(records) == 1 and records[0].levelno == logging.ERROR
     assert records[0].args == ("/classify", "POST") and records[0].exc_info[0] is ValueError
+
+
+class Answer(BaseModel):
+    label: str
+
+
+@bentoml.service
+class Lists:
+    @bentoml.api
+    def answer(self, texts: list[str]) -> list[Answer]:
+        return [Answer(label=text) for text in texts]
+
+    @bentoml.api
+    def text(self, text: str) -> str:
+        return text
+
+
+def test_an_output_media_type_set_once_is_what_bentoml_computes_and_spares_it_the_schema(monkeypatch):
+    spec = Lists.apis["answer"].output_spec
+    computed = {name: method.output_spec.mime_type() for name, method in Lists.apis.items()}
+    assert bentoml_internals.fix_output_media_types(Lists) == computed == {"answer": "application/json",
+                                                                          "text": "text/plain"}
+
+    # What makes it pay: once set, BentoML answers the media type without generating the schema.
+    def no_schema(*args, **kwargs):
+        raise AssertionError("BentoML generated the output's JSON schema to find its media type")
+
+    monkeypatch.setattr(spec, "model_json_schema", no_schema)
+    assert spec.mime_type() == "application/json"
