@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 s of overload instead of 30 s")
     args = parser.parse_args()
-    burst = 10.0 if args.quick else 30.0
+    overload_s = 10.0 if args.quick else 30.0
     register_bench_model(TASKS)
     # The benchmark model has random task modules and no accuracy record, so it is served in fp32
     # (model/precision.py); said explicitly here.
@@ -152,9 +152,9 @@ def main() -> None:
         saturating = asyncio.run(closed_loop(url, SATURATING_CLIENTS, 10.0, TASKS, 100_000))
         capacity = saturating["throughput"]
         print(f"capacity {capacity:.1f} req/s at {SATURATING_CLIENTS} clients (p99 {saturating['p99_ms']:.0f} ms); "
-              f"lone request p50 {1000 * baseline:.0f} ms; now {4 * SATURATING_CLIENTS} clients for {burst:.0f} s",
+              f"lone request p50 {1000 * baseline:.0f} ms; now {4 * SATURATING_CLIENTS} clients for {overload_s:.0f} s",
               file=sys.stderr)
-        outcomes = asyncio.run(overload(url, 4 * SATURATING_CLIENTS, burst))
+        outcomes = asyncio.run(overload(url, 4 * SATURATING_CLIENTS, overload_s))
         recovered = asyncio.run(recovery_seconds(url, 2 * baseline))
     accepted = [o["seconds"] for o in outcomes if o["status"] == 200]
     refused = [o for o in outcomes if o["status"] == 503]
@@ -162,7 +162,7 @@ def main() -> None:
     result = {
         "machine": machine(), "workers": WORKERS, "max_wait_s": default("CTT_MAX_WAIT_S"), "idle_burst": idle_burst,
         "capacity_req_s": capacity, "capacity_p99_ms": saturating["p99_ms"], "clients": 4 * SATURATING_CLIENTS,
-        "burst_s": burst, "requests": len(outcomes), "answered_req_s": len(outcomes) / burst,
+        "burst_s": overload_s, "requests": len(outcomes), "answered_req_s": len(outcomes) / overload_s,
         "share_200": len(accepted) / len(outcomes), "share_503": len(refused) / len(outcomes), "other": len(other),
         "other_kinds": sorted({str(o["status"]) for o in other}),
         "every_503_has_retry_after": all(o["retry_after"] for o in refused),
