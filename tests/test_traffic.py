@@ -118,6 +118,26 @@ def test_admission_refuses_only_what_would_wait_past_the_deadline():
     assert admission.held_items == 60 and 0 < admission.seconds_per_item < 0.1
 
 
+def test_a_busy_worker_charges_its_passes_everything_serving_them_costs():
+    """Under load the HTTP path costs about as much as the forward pass: the wait admission
+    predicts must count it, or requests wait past the deadline instead of being refused."""
+    from model.serving.batching import Admission
+
+    admission = Admission(deadline_s=5.0, retry_after_s=2, prior_seconds_per_item=0.01)
+    admission.admit(200)  # far more than one pass: the worker stays busy from pass to pass
+    clock = 100.0
+    for _ in range(30):
+        clock += 0.64  # a pass ends every 0.64 s ...
+        admission.measured(32, 0.32, ended_at=clock)  # ... though its forward pass took 0.32 s
+    assert admission.seconds_per_item == pytest.approx(0.02, rel=0.01)
+    # An idle gap between passes is not service time.
+    admission.done(200)
+    admission.admit(8)
+    admission.measured(8, 0.08, ended_at=clock + 0.2)
+    admission.measured(8, 0.08, ended_at=clock + 60)
+    assert admission.seconds_per_item < 0.02
+
+
 def test_tickets_only_redeem_what_this_worker_issued():
     from model.serving.batching import Tickets
 

@@ -74,7 +74,11 @@ class Admission:
     The wait is the items this worker holds (admitted, not yet answered) plus the request's own,
     times the seconds per item of recent passes: an exponentially weighted mean, weighted by the
     items of each pass, so under load it follows the full passes that decide how fast a queue
-    drains. Before any pass is measured, ``prior_seconds_per_item`` (the warm-up's) stands in."""
+    drains. While the worker stays busy from one pass to the next, a pass's items are charged the
+    time since the previous pass ended rather than the pass's own: that also counts what serving
+    them costs besides the forward pass (HTTP, the dispatcher, the event loop sharing the core),
+    about as much again under load. Before any pass is measured, ``prior_seconds_per_item`` (the
+    warm-up's) stands in."""
 
     def __init__(self, deadline_s: float, retry_after_s: int, prior_seconds_per_item: float = 0.05,
                  weight: float = 0.2):
@@ -83,6 +87,8 @@ class Admission:
         self.seconds_per_item = prior_seconds_per_item
         self.weight = weight
         self.held_items = 0
+        self._last_pass_end: float | None = None
+        self._busy_after_last_pass = False
         self._lock = threading.Lock()  # passes are measured in BentoML's thread, admission runs in the loop
 
     def predicted_wait_s(self, items: int) -> float:
@@ -99,11 +105,17 @@ class Admission:
     def done(self, items: int) -> None:
         self.held_items -= items
 
-    def measured(self, items: int, seconds: float) -> None:
-        """One pass of ``items`` took ``seconds``."""
+    def measured(self, items: int, seconds: float, ended_at: float | None = None) -> None:
+        """One pass of ``items`` took ``seconds`` and ended at ``ended_at`` (monotonic; now)."""
         if items <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
+        ended_at = time.monotonic() if ended_at is None else ended_at
         with self._lock:
+            if self._busy_after_last_pass and self._last_pass_end is not None:
+                seconds = max(seconds, ended_at - self._last_pass_end)
+            self._last_pass_end = ended_at
+            # Items beyond this pass's were waiting: the next pass follows at once.
+            self._busy_after_last_pass = self.held_items > items
             # A pass of 8 items moves the mean by ``weight``; a full pass of 32 by four times that.
             share = min(1.0, self.weight * items / 8)
             self.seconds_per_item += share * (seconds / items - self.seconds_per_item)
