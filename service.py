@@ -235,7 +235,8 @@ class CTT:
 
         names_and_labels = [{"name": t["name"], "labels": t["labels"]} for t in self.registry["tasks"]]
         try:
-            record, summaries = read_record(folder), task_summaries(folder)
+            record = read_record(folder)
+            summaries = task_summaries(folder, record, self.registry)
         except CTTError as exc:
             logger.error(f"{self.tag}: its record cannot be read ({exc}); /tasks gives names and labels only")
             return {}, TasksDocument(version=self.tag, tasks=names_and_labels)

@@ -301,9 +301,12 @@ class ContinualTinyTransformer(nn.Module):
         # of how many classes other tasks have, so adding a task cannot perturb old logits.
         logits = (self.bank["head_weight"][task_ids] * pooled.unsqueeze(1)).sum(-1)
         logits = logits + self.bank["head_bias"][task_ids]
-        if calibrated:
-            logits = logits / self.bank["temperature"][task_ids].unsqueeze(1)
-        return logits.masked_fill(~self.label_mask[task_ids], float(self.config.padded_logit))
+        logits = logits.masked_fill(~self.label_mask[task_ids], float(self.config.padded_logit))
+        return self.calibrate(logits, task_ids) if calibrated else logits
+
+    def calibrate(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's raw logits divided by its task's temperature (padded classes stay -inf)."""
+        return logits / self.bank["temperature"][task_ids].unsqueeze(1)
 
     def forward_module(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        module: TaskModule) -> torch.Tensor:
@@ -357,7 +360,7 @@ class ContinualTinyTransformer(nn.Module):
             pass_task_ids = torch.tensor([task_ids[r] for r in rows])
             raw = self(padded["input_ids"], padded["attention_mask"], pass_task_ids, precision=row_precision[rows[0]],
                        calibrated=False)
-            calibrated = torch.softmax(raw / self.bank["temperature"][pass_task_ids].unsqueeze(1), -1)
+            calibrated = torch.softmax(self.calibrate(raw, pass_task_ids), -1)
             # The label is the raw logits' argmax, as the version measured it: dividing by a
             # temperature cannot move it, but rounding in softmax can break a near tie the other way.
             for row, logits, probabilities in zip(rows, raw, calibrated):

@@ -113,21 +113,21 @@ def read_record(folder: str | Path) -> dict:
 read_metrics = read_record  # the name the service and older code use
 
 
-def task_summaries(folder: str | Path) -> list[dict]:
+def task_summaries(folder: str | Path, record: dict | None = None, registry: dict | None = None) -> list[dict]:
     """What ``/tasks`` serves, from the version's record: per task its labels, accuracy now and
     when learned, the probe's accuracy, example counts and calibration (its temperature and ECE
     before and after; None for versions before calibrated scores). Versions registered before the
     record held these fall back to the task registry's ``info``. A part of the record of the wrong
     shape (a damaged or hand-edited file) reads as absent; labels always come from the registry the
-    model is built from."""
+    model is built from. A caller that has read the record or the registry already passes them."""
     from model.registry import read_config
 
     def section(mapping, key) -> dict:
         value = mapping.get(key) if isinstance(mapping, dict) else None
         return value if isinstance(value, dict) else {}
 
-    record = read_record(folder)
-    registry = read_config(Path(folder))
+    record = read_record(folder) if record is None else record
+    registry = read_config(Path(folder)) if registry is None else registry
     summaries = []
     for task in registry["tasks"]:
         name, info = task["name"], task.get("info") if isinstance(task.get("info"), dict) else {}
