@@ -71,11 +71,10 @@ def task_seeds(document: dict) -> list[dict]:
 
 
 def task_seeds_from_modules(quick: bool, seeds: int) -> list[dict]:
-    from benchmarks.continual import QUICK_TASKS, SUITE
-    from benchmarks.task_modules import model_of, trained_tasks
+    from benchmarks.task_modules import model_of, suite, trained_tasks
     from training.evaluate import task_logits
 
-    names, seed_list, train_limit, test_limit = (QUICK_TASKS, [0], 80, 100) if quick else (SUITE, range(seeds), 200, 200)
+    names, seed_list, train_limit, test_limit = suite(quick, seeds)
     rows = []
     for seed, tasks in trained_tasks(names, seed_list, train_limit, test_limit).items():
         model = model_of(tasks)

@@ -62,6 +62,8 @@ from training.settings import DEFAULT_MAX_LENGTH, LearnSettings  # noqa: E402
 METHODS = ("probe", "naive", "ctt", "joint")
 # One task of each kind and corpus: long topic, short sentiment, short stylistic, short topic.
 QUICK_TASKS = ("bbc-topic", "tweet-sentiment", "bbc-headline-or-body", "bbc-headline-topic")
+QUICK_TRAIN_LIMIT, QUICK_TEST_LIMIT = 80, 100
+TRAIN_LIMIT, TEST_LIMIT = 200, 200
 
 
 def write_jsonl(path: Path, examples) -> None:
@@ -523,10 +525,11 @@ def markdown(document: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help=f"1 seed, 80 training / 100 test examples, tasks {', '.join(QUICK_TASKS)}")
+                        help=f"1 seed, {QUICK_TRAIN_LIMIT} training / {QUICK_TEST_LIMIT} test examples, tasks "
+                             f"{', '.join(QUICK_TASKS)}")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-limit", type=int, default=200)
-    parser.add_argument("--test-limit", type=int, default=200)
+    parser.add_argument("--train-limit", type=int, default=TRAIN_LIMIT)
+    parser.add_argument("--test-limit", type=int, default=TEST_LIMIT)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=list(SUITE), choices=list(TASKS), metavar="TASK")
     parser.add_argument("--no-baseline-cache", action="store_true",
@@ -544,7 +547,7 @@ def main() -> None:
             print(calibration_markdown(document))
         return
     if args.quick:
-        args.seeds, args.train_limit, args.test_limit, args.finetune_epochs = 1, 80, 100, 2
+        args.seeds, args.train_limit, args.test_limit, args.finetune_epochs = 1, QUICK_TRAIN_LIMIT, QUICK_TEST_LIMIT, 2
         args.tasks = list(QUICK_TASKS)
     name = "continual-quick" if args.quick else "continual"
     started = time.perf_counter()

@@ -41,15 +41,13 @@ isolated_bentoml_home()
 import torch  # noqa: E402
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: E402
 
-from benchmarks.task_modules import model_of, trained_tasks  # noqa: E402
+from benchmarks.task_modules import model_of, suite, trained_tasks  # noqa: E402
 from model.ctt import ContinualTinyTransformer  # noqa: E402
 from model.precision import (FAST_PATH_Z, LEGACY_FAST_PATH, MAX_ACCURACY_LOSS, int8_encoder,  # noqa: E402
                              quantised_copy, worse_by_sign_test)
 from model.registry import ModelConfig  # noqa: E402
-from training.corpora import SUITE  # noqa: E402
 from training.evaluate import predictions_as_served  # noqa: E402
 from training.settings import DEFAULT_MAX_LENGTH  # noqa: E402
-from benchmarks.continual import QUICK_TASKS  # noqa: E402
 
 
 # ----- candidates this script defines (the served ones live in model/precision.py) ---------------
@@ -173,7 +171,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="speed rounds (interleaved)")
     parser.add_argument("--retrain", action="store_true", help="train the modules even when cached")
     args = parser.parse_args()
-    names, seeds, train_limit, test_limit = (QUICK_TASKS, [0], 80, 100) if args.quick else (SUITE, range(args.seeds), 200, 200)
+    names, seeds, train_limit, test_limit = suite(args.quick, args.seeds)
     started = time.perf_counter()
     trained = trained_tasks(names, seeds, train_limit, test_limit, retrain=args.retrain)
     results: dict[str, dict] = {}

@@ -24,7 +24,7 @@ import torch
 from model.backbone import load_backbone
 from model.ctt import ContinualTinyTransformer, Task, TaskModule
 from model.registry import ModelConfig
-from training.corpora import TASKS, ensure_corpus_packages, make_tasks
+from training.corpora import SUITE, TASKS, ensure_corpus_packages, make_tasks
 from training.data import Example, label_set, stratified_split
 from training.recipe import train_task_module
 from training.settings import DEFAULT_MAX_LENGTH, LearnSettings
@@ -60,6 +60,16 @@ def _key(name: str, seed: int, train: list[Example], settings: LearnSettings, ba
                               "backbone": backbone.info.digest, "train": [e.to_dict() for e in train]},
                              default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def suite(quick: bool, seeds: int) -> tuple[tuple[str, ...], list[int], int, int]:
+    """What the module benchmarks run, as benchmarks/continual.py does: its quick suite (one seed)
+    or its eight tasks over ``seeds`` seeds; then the training and test examples per task."""
+    from benchmarks.continual import QUICK_TASKS, QUICK_TEST_LIMIT, QUICK_TRAIN_LIMIT, TEST_LIMIT, TRAIN_LIMIT
+
+    if quick:
+        return QUICK_TASKS, [0], QUICK_TRAIN_LIMIT, QUICK_TEST_LIMIT
+    return tuple(SUITE), list(range(seeds)), TRAIN_LIMIT, TEST_LIMIT
 
 
 def trained_tasks(names, seeds, train_limit: int, test_limit: int, retrain: bool = False) -> dict[int, list[TrainedTask]]:
