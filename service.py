@@ -27,14 +27,15 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.bentoml_internals import API_EXCEPTION_LOGGER, fix_output_media_types, serve_inside
+from model.bentoml_internals import (API_EXCEPTION_LOGGER, call_batched, can_call_batched, fix_output_media_types,
+                                     serve_inside)
 from model.errors import CTTError
 from model.feedback.ages import SINCE_PATTERN, parse_since
 from model.feedback.database import FeedbackDatabase, data_dir_for, database_url
 from model.precision import REFERENCE_PRECISION, fast_path_verdicts, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving.auth import INTERNAL, Credentials, check_startup_credentials
-from model.serving.batching import Admission, ForwardPass, Overloaded, Tickets
+from model.serving.batching import Admission, DispatcherGate, ForwardPass, Overloaded, Tickets
 from model.serving.edges import (AuthMiddleware, BodyLimitMiddleware, ErrorShapeMiddleware, JSONOnlyMiddleware,
                                  KnownPathsOnly, OpenAPIDocumentMiddleware, RetryAfterMiddleware, complete_openapi)
 from model.serving.feedback import (FeedbackAccepted, FeedbackConflict, FeedbackEndpoint, FeedbackForbidden,
@@ -213,6 +214,7 @@ class CTT:
         self.activity = Activity()  # this worker's public API requests, for the drain on SIGTERM
         self.readiness = ServerReadiness(settings.workers)
         self.tickets = Tickets()
+        self.gate = DispatcherGate(settings.max_batch_size)
         self.admission = Admission(settings.max_wait_s, settings.retry_after_s)
         self.forward = ForwardPass(self._predict, healthy=self._warm_up, on_pass=self._measured)
         # Opened lazily and migrated in the background: a database that is down never delays
@@ -318,20 +320,32 @@ class CTT:
         tickets = self.tickets.issue(items)
         self.metrics.record_queue(self.admission.held_items)
         try:
-            outcomes = await self.to_async.forward_pass(tickets=tickets)
+            async with self.gate.turn(len(items)):
+                outcomes = await self._through_dispatcher(tickets)
         except BentoMLException as exc:
             if int(exc.error_code) not in (429, 503):
                 logger.error(f"the forward pass call failed: {type(exc).__name__} {int(exc.error_code)}")
                 return error(500, "the forward pass failed; the service log has the reason")
-            # BentoML's dispatcher put this request beyond max_latency_ms (the backstop), or the
-            # worker's concurrency limit refused the forward pass: shed like an admission refusal.
+            # BentoML's dispatcher put this request beyond max_latency_ms (the backstop): shed like
+            # an admission refusal.
             self.metrics.record_shed()
             return error(503, "overloaded: the forward pass was refused; retry later")
+        except Exception:
+            logger.error("the forward pass call failed", exc_info=True)
+            return error(500, "the forward pass failed; the service log has the reason")
         finally:
             self.tickets.release(tickets)
             self.admission.done(len(items))
             self.metrics.record_queue(self.admission.held_items)
         return self._answer(outcomes)
+
+    async def _through_dispatcher(self, tickets: list[str]) -> list[PassOutcome]:
+        """The forward pass for these tickets, merged with concurrent calls by BentoML's dispatcher:
+        in-process under `bentoml serve`; through BentoML's public self-call where this instance
+        was made without BentoML's server (a local `bentoml.depends(CTT)`)."""
+        if can_call_batched(CTT):
+            return await call_batched(CTT, "forward_pass", tickets)
+        return await self.to_async.forward_pass(tickets=tickets)
 
     @staticmethod
     def _answer(outcomes: list[PassOutcome]) -> list[Prediction] | JSONResponse:

@@ -4,11 +4,13 @@ BentoML name of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,6 +113,105 @@ def test_bentoml_builds_a_served_app_with_to_asgi_which_serve_inside_wraps():
     assert isinstance(app, Layer) and not isinstance(app.app, Layer)
     assert Wrapped.name == "wrapped" and list(Wrapped.apis) == ["echo"]
     assert not isinstance(Untouched.to_asgi(), Layer), "other services must be left as they are"
+
+
+def test_serve_inside_builds_the_app_exactly_as_bentoml_s_to_asgi_does():
+    """serve_inside's to_asgi repeats Service.to_asgi step by step to keep the factory: an upgrade
+    that changes those steps must be looked at."""
+    from _bentoml_sdk.service.factory import Service
+
+    body = [line.strip() for line in inspect.getsource(Service.to_asgi).splitlines()[1:] if line.strip()]
+    assert body == ["from _bentoml_impl.server.app import ServiceAppFactory", "self.inject_config()",
+                    "factory = ServiceAppFactory(self, is_main=is_main)", "return factory()"]
+
+
+@bentoml.service(name="batched")
+class Batched:
+    """A front API that reaches a batchable method in-process, as service.py's /classify does."""
+
+    def __init__(self):
+        self.passes: list[list[str]] = []
+
+    @bentoml.api
+    async def front(self, text: str) -> str:
+        return (await bentoml_internals.call_batched(Batched, "double", [text]))[0]
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=60_000)
+    def double(self, texts: list[str]) -> list[str]:
+        self.passes.append(list(texts))
+        time.sleep(0.05)  # long enough for the concurrent calls to queue behind the first pass
+        return [text * 2 for text in texts]
+
+
+def test_call_batched_merges_concurrent_calls_in_bentoml_s_dispatcher_without_http():
+    from starlette.testclient import TestClient
+
+    bentoml_internals.serve_inside(Batched, lambda app: app)
+    assert not bentoml_internals.can_call_batched(Batched)
+    app = Batched.to_asgi()
+    assert bentoml_internals.can_call_batched(Batched)
+    with TestClient(app):  # runs the app's startup: the service instance
+        async def calls():
+            import httpx
+
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://batched") as http:
+                return await asyncio.gather(*(http.post("/front", json={"text": str(i)}) for i in range(20)))
+
+        answers = asyncio.run(calls())
+        assert [a.text for a in answers] == [str(i) * 2 for i in range(20)]
+        passes = bentoml.get_current_service().passes
+        assert sorted(t for p in passes for t in p) == sorted(str(i) for i in range(20))
+        assert len(passes) < 20, "the dispatcher merged nothing"
+
+
+def test_bentoml_s_dispatcher_learns_to_hold_lone_requests_after_load_unless_the_gate_keeps_waits_out():
+    """BentoML's dispatcher holds a request while fewer than its learned wait would justify, that
+    wait being the average a batch's first request waited lately (refreshed at most every 5 s). Under
+    load that is most of a pass, which every lone request then waits after the load is gone.
+    model/serving/batching.py's DispatcherGate lets requests in only while no pass is in flight, so
+    the dispatcher never sees a wait to learn: if BentoML changes either behaviour, look again."""
+    import random
+
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    from model.serving.batching import DispatcherGate
+
+    pass_s = 0.05
+
+    async def learned_wait(gated: bool) -> float:
+        def shed():
+            raise RuntimeError("shed")
+
+        dispatcher = CorkDispatcher(max_latency_in_ms=60_000, max_batch_size=32, fallback=shed, get_batch_size=len)
+
+        async def forward(calls):
+            await asyncio.sleep(pass_s)
+            return list(calls)
+
+        call, gate = dispatcher(forward), DispatcherGate(32)
+        stop = time.monotonic() + 6.0  # past the dispatcher's first refresh after its training
+
+        async def client(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.monotonic() < stop:
+                if gated:
+                    async with gate.turn(1):
+                        await call([seed])
+                else:
+                    await call([seed])
+                await asyncio.sleep(rng.uniform(0, pass_s))  # clients send again at any moment of a pass
+
+        await asyncio.gather(*(client(seed) for seed in range(16)))
+        dispatcher.shutdown()
+        return dispatcher.optimizer.wait
+
+    async def both():
+        return await asyncio.gather(learned_wait(gated=False), learned_wait(gated=True))
+
+    ungated, gated = asyncio.run(both())
+    assert ungated > pass_s / 4, ungated
+    assert gated < pass_s / 20, gated
 
 
 def test_bentoml_reports_api_exceptions_on_the_logger_we_filter():

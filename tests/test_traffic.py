@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import store
 from tests.conftest import MONEY, QUESTION, QUESTION_ROWS, SPORT, STATEMENT, TOPIC_ROWS, micro_model
@@ -136,6 +138,113 @@ def test_a_busy_worker_charges_its_passes_everything_serving_them_costs():
     admission.measured(8, 0.08, ended_at=clock + 0.2)
     admission.measured(8, 0.08, ended_at=clock + 60)
     assert admission.seconds_per_item < 0.02
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_the_gate_lets_a_pass_worth_of_requests_in_at_a_time_in_arrival_order():
+    from model.serving.batching import DispatcherGate
+
+    async def scenario():
+        gate, entered = DispatcherGate(pass_items=4), []
+        done = {name: asyncio.Event() for name in "ABCDEF"}
+
+        async def request(name: str, items: int) -> None:
+            async with gate.turn(items):
+                entered.append(name)
+                await done[name].wait()
+
+        tasks = []
+        for name, items in [("A", 1), ("B", 1), ("C", 2), ("D", 2), ("E", 1), ("F", 8)]:
+            tasks.append(asyncio.create_task(request(name, items)))
+            await settle()
+        assert entered == ["A"] and gate.waiting == 5  # an idle gate lets the first in at once
+        done["A"].set()
+        await settle()
+        assert entered == ["A", "B", "C"]  # 1 + 2 items; D's 2 more would pass 4
+        done["B"].set()
+        await settle()
+        assert entered == ["A", "B", "C"]  # C is still in the dispatcher
+        done["C"].set()
+        await settle()
+        assert entered == ["A", "B", "C", "D", "E"]
+        done["D"].set(), done["E"].set()
+        await settle()
+        assert entered[-1] == "F" and gate.waiting == 0  # larger than a pass: in alone
+        done["F"].set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_at_the_gate_never_blocks_the_ones_behind_it():
+    from model.serving.batching import DispatcherGate
+
+    async def scenario():
+        gate, entered = DispatcherGate(pass_items=1), []
+        done = {name: asyncio.Event() for name in "ABCD"}
+
+        async def request(name: str) -> None:
+            async with gate.turn(1):
+                entered.append(name)
+                await done[name].wait()
+
+        tasks = {}
+        for name in "ABCD":
+            tasks[name] = asyncio.create_task(request(name))
+            await settle()
+        tasks["B"].cancel()  # while waiting
+        await settle()
+        assert gate.waiting == 2
+        done["A"].set()
+        await asyncio.sleep(0)  # A leaves and lets C in ...
+        tasks["C"].cancel()  # ... which is cancelled before it runs: its turn passes on
+        await settle()
+        assert entered == ["A", "D"] and gate.waiting == 0
+        done["D"].set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert tasks["B"].cancelled() and tasks["C"].cancelled()
+        async with gate.turn(1):  # and the gate is idle again
+            pass
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from(["finish", "cancel"]), st.integers(0, 3)),
+                min_size=1, max_size=25))
+def test_through_any_sequence_of_requests_the_gate_keeps_arrival_order_and_never_stalls(requests):
+    """Requests of any size arrive, finish or are cancelled at any moment: whoever is let in was
+    let in in arrival order, and while anything waits something is inside."""
+    from model.serving.batching import DispatcherGate
+
+    async def scenario():
+        gate, entered = DispatcherGate(pass_items=4), []
+
+        async def request(index: int, items: int, fate: str, steps: int) -> None:
+            async with gate.turn(items):
+                entered.append(index)
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                if fate == "cancel":
+                    raise asyncio.CancelledError
+
+        tasks = []
+        for index, (items, fate, steps) in enumerate(requests):
+            tasks.append(asyncio.create_task(request(index, items, fate, steps)))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+                assert not gate.waiting or gate.inside, "requests wait while nothing is inside"
+            if fate == "cancel" and steps % 2:
+                tasks[-1].cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        assert entered == sorted(entered)
+        assert gate.waiting == 0 and gate.inside == 0
+
+    asyncio.run(scenario())
 
 
 def test_tickets_only_redeem_what_this_worker_issued():

@@ -1,14 +1,15 @@
-"""Forward passes through BentoML's adaptive batching, with per-request isolation and admission
-by predicted wait.
+"""Forward passes through BentoML's adaptive batching, with per-request isolation, admission by
+predicted wait, and answers in arrival order.
 
-``/classify`` is a plain async API; the forward pass is a ``batchable`` API of the same service,
-and ``/classify`` calls it through ``self.to_async`` so that BentoML's dispatcher merges the items
-of concurrent requests, of any mix of tasks, into shared passes (and records
-``bentoml_service_adaptive_batch_size``). That call travels through the worker's own ASGI stack, so
-it does not carry the items themselves: ``/classify`` leaves them in this worker's ``Tickets`` and
-sends one unguessable ticket per item. The forward pass looks the items up; a ticket it did not
-issue gets nothing (so the internal route needs no credentials and is inert for anyone else), and
-the texts are not serialised, parsed and validated a second time.
+``/classify`` is a plain async API; the forward pass is a ``batchable`` API of the same service.
+``/classify`` hands its call to that API's BentoML dispatcher, which merges the items of concurrent
+requests, of any mix of tasks, into shared passes (and records
+``bentoml_service_adaptive_batch_size``). It does so in-process, as BentoML's own route for the
+API does (model/bentoml_internals.py ``call_batched``: through ``self.to_async`` every call would
+cross the worker's whole HTTP stack a second time). The call carries one unguessable ticket per
+item, not the items: ``/classify`` leaves them in this worker's ``Tickets`` and the forward pass
+looks them up, so the API's public route (every BentoML API has one) takes tickets that only this
+worker issued and is inert for anyone else.
 
 Isolation: inside a merged batch the request boundaries are gone, so one exception would fail
 every request in it. ``ForwardPass`` catches it, re-runs the items one by one and returns an
@@ -21,16 +22,26 @@ wait it would see, predicted from the items this worker already holds and the me
 item of recent passes, exceeds ``CTT_MAX_WAIT_S``. A burst the worker can clear within the deadline
 is answered in full; past saturation, refusals take microseconds. ``max_latency_ms`` stays as the
 backstop.
+
+Turns: BentoML's dispatcher holds a lone request back for the average wait of the batches it saw
+recently (its "cork"), a figure it forgets only slowly: after a busy minute, every lone request
+would wait about one full pass with nothing else queued. ``DispatcherGate`` lets requests into
+the dispatcher only while it has no pass in flight, a pass's worth at a time in arrival order; the
+rest wait in the gate, where admission counts them. The dispatcher then never sees a request wait,
+so it never learns to hold one, and each pass takes everything that arrived during the last.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from model.serving.schemas import PassOutcome, Prediction
 
@@ -119,6 +130,63 @@ class Admission:
             # A pass of 8 items moves the mean by ``weight``; a full pass of 32 by four times that.
             share = min(1.0, self.weight * items / 8)
             self.seconds_per_item += share * (seconds / items - self.seconds_per_item)
+
+
+class DispatcherGate:
+    """Lets requests into BentoML's dispatcher only while none is in it, in arrival order, up to
+    ``pass_items`` items at a time (a request larger than that goes in alone: the dispatcher splits
+    it over passes). One per worker, used from its event loop."""
+
+    def __init__(self, pass_items: int):
+        self.pass_items = pass_items
+        self._inside = 0
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def inside(self) -> int:
+        return self._inside
+
+    @asynccontextmanager
+    async def turn(self, items: int) -> AsyncIterator[None]:
+        """Inside the block, the request's call may go to the dispatcher."""
+        if self._inside or self._waiting:
+            let_in = asyncio.get_running_loop().create_future()
+            self._waiting.append((items, let_in))
+            try:
+                await let_in
+            except asyncio.CancelledError:
+                if let_in.done() and not let_in.cancelled():
+                    self._leave()  # let in just as it was cancelled: pass its turn on
+                elif (items, let_in) in self._waiting:
+                    self._waiting.remove((items, let_in))
+                raise
+        else:
+            self._inside += 1
+        try:
+            yield
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        self._inside -= 1
+        if self._inside:
+            return
+        room = self.pass_items
+        while self._waiting:
+            items, let_in = self._waiting[0]
+            if let_in.done():  # its request was cancelled while it waited
+                self._waiting.popleft()
+                continue
+            if self._inside and items > room:
+                break
+            self._waiting.popleft()
+            room -= items
+            self._inside += 1
+            let_in.set_result(None)
 
 
 class ForwardPass:
