@@ -1,8 +1,8 @@
 """The other shape issue 18 asked to measure (not served by the project): /classify in a front
 service that reaches a model service through `bentoml.depends`, BentoML's usual composition.
 
-`benchmarks/peers.py --composed` serves it beside service.py (where /classify hands tickets to a
-batchable method of the same worker through `self.to_async`) so the two can be compared in one
+`benchmarks/peers.py --composed` serves it beside service.py (where /classify hands tickets to the
+dispatcher of a batchable method of the same worker, in-process) so the two can be compared in one
 run. The model service has its own processes; the items travel to it pickled over a Unix socket,
 and its batchable API answers one outcome per item with the same per-item isolation
 (model/serving/batching.py). It has no auth, admission or feedback: only the path a request takes.
@@ -15,6 +15,7 @@ from pathlib import Path
 import bentoml
 from starlette.responses import JSONResponse
 
+from model.bentoml_internals import fix_output_media_types
 from model.registry import read_config
 from model.serving.batching import ForwardPass
 from model.serving.schemas import ErrorBody, PassOutcome, Prediction, classify_request_model, item_model
@@ -70,3 +71,8 @@ class CTTComposed:
         if any(outcome.failure for outcome in outcomes):
             return JSONResponse(ErrorBody(error="an item could not be classified").model_dump(), status_code=422)
         return [outcome.prediction for outcome in outcomes]
+
+
+# As service.py: BentoML would otherwise regenerate each output's JSON schema on every response.
+fix_output_media_types(CTTModel)
+fix_output_media_types(CTTComposed)
