@@ -166,11 +166,7 @@ async def get_health():
     workers=settings.workers,
     traffic={"timeout": REQUEST_TIMEOUT_S, "max_concurrency": settings.max_concurrency * settings.workers},
     metrics={"enabled": settings.monitoring_enabled},
-    # The forward pass is this service calling itself once per /classify: not an access of its own.
-    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", FORWARD_PASS_PATH]}},
-    # The connection of those calls: BentoML replaces its client session after max_requests calls or
-    # max_age seconds, closing the old one under requests still in flight; never, here.
-    runner_connection={"max_requests": 2**62, "max_age": 10.0**12},
+    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}},
     labels={"project": "ctt"},
 )
 @bentoml.asgi_app(http_routes, path="/")
