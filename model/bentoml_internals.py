@@ -73,8 +73,7 @@ def write_model_info(stream: IO[str], info) -> None:
 # BentoML's public ways to reach a batchable method from another API of the same worker
 # (``self.to_async`` and ``bentoml.depends``) send every call through an HTTP request and the
 # worker's whole ASGI stack a second time; measured (docs/benchmarks.md), that cost a third of the
-# throughput at 32 clients and, under overload, made requests wait on the event loop before
-# admission could count them. ``call_batched`` hands the call to the same dispatcher in-process.
+# throughput at 32 clients. ``call_batched`` hands the call to the same dispatcher in-process.
 def serve_inside(service, layer) -> None:
     """Make ``bentoml serve`` (and ``service.to_asgi()``) run ``layer(app)`` around ``service``'s app,
     and keep the factory of that app for ``call_batched``."""

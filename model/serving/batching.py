@@ -20,8 +20,9 @@ Admission: BentoML's queue is unbounded and its ``max_latency_ms`` cancels queue
 later. ``Admission`` decides at once instead: a request is refused (503 with Retry-After) when the
 wait it would see, predicted from the items this worker already holds and the measured seconds per
 item of recent passes, exceeds ``CTT_MAX_WAIT_S``. A burst the worker can clear within the deadline
-is answered in full; past saturation, refusals take microseconds. ``max_latency_ms`` stays as the
-backstop.
+is answered in full; past saturation, refusals take microseconds. Behind it, ``max_latency_ms``
+still cancels what BentoML's estimate puts too late inside its dispatcher, and BentoML's request
+timeout (504) ends a request that waited in the gate below for any longer.
 
 Turns: BentoML's dispatcher holds a lone request back for the average wait of the batches it saw
 recently (its "cork"), a figure it forgets only slowly: after a busy minute, every lone request
