@@ -35,7 +35,7 @@ from model.feedback.database import FeedbackDatabase, data_dir_for, database_url
 from model.precision import REFERENCE_PRECISION, fast_path_verdicts, served_precisions, warm_up_or_fall_back
 from model.registry import read_config
 from model.serving.auth import INTERNAL, Credentials, check_startup_credentials
-from model.serving.batching import Admission, DispatcherGate, ForwardPass, Overloaded, Tickets
+from model.serving.batching import Admission, DispatcherGate, ForwardPass, Overloaded, Tickets, through_the_gate
 from model.serving.edges import (AuthMiddleware, BodyLimitMiddleware, ErrorShapeMiddleware, JSONOnlyMiddleware,
                                  KnownPathsOnly, OpenAPIDocumentMiddleware, RetryAfterMiddleware, complete_openapi)
 from model.serving.feedback import (FeedbackAccepted, FeedbackConflict, FeedbackEndpoint, FeedbackForbidden,
@@ -79,8 +79,7 @@ WARM_UP_TEXT = ("The quarterly report shows that revenue from the new product li
 ERROR_STATUSES = {CLASSIFY_PATH: (400, 401, 403, 413, 415, 422, 500, 503),
                   TASKS_PATH: (400, 401, 403, 413, 415, 503), MODEL_PATH: (400, 401, 403, 413, 415, 503),
                   FEEDBACK_PATH: (400, 401, 403, 409, 413, 415, 503),
-                  FEEDBACK_STATS_PATH: (400, 401, 403, 413, 415, 503),
-                  FORWARD_PASS_PATH: (400, 413, 415, 429, 503)}
+                  FEEDBACK_STATS_PATH: (400, 401, 403, 413, 415, 503)}
 
 
 def served_task_labels() -> dict[str, list[str]]:
@@ -316,8 +315,7 @@ class CTT:
         tickets = self.tickets.issue(items)
         self.metrics.record_queue(self.admission.held_items)
         try:
-            async with self.gate.turn(len(items)):
-                outcomes = await self._through_dispatcher(tickets)
+            outcomes = await through_the_gate(self.gate, self._through_dispatcher, tickets)
         except BentoMLException as exc:
             if int(exc.error_code) not in (429, 503):
                 logger.error(f"the forward pass call failed: {type(exc).__name__} {int(exc.error_code)}")
@@ -336,10 +334,10 @@ class CTT:
         return self._answer(outcomes)
 
     async def _through_dispatcher(self, tickets: list[str]) -> list[PassOutcome]:
-        """The forward pass for these tickets, merged with concurrent calls by BentoML's dispatcher:
-        in-process under `bentoml serve`; through BentoML's public self-call where this instance
-        was made without BentoML's server (a local `bentoml.depends(CTT)`)."""
-        if can_call_batched(CTT):
+        """The forward pass for these tickets, merged with concurrent calls by BentoML's dispatcher
+        of this worker. An instance BentoML's server did not start (a local `bentoml.depends(CTT)`)
+        has no dispatcher: BentoML's `to_async` runs the method directly, one call per pass."""
+        if can_call_batched(CTT, self):
             return await call_batched(CTT, "forward_pass", tickets)
         return await self.to_async.forward_pass(tickets=tickets)
 

@@ -98,9 +98,11 @@ def serve_inside(service, layer) -> None:
     service.__class__ = ServiceWithOuterLayer
 
 
-def can_call_batched(service) -> bool:
-    """Whether this process serves ``service``'s app, built by BentoML (``bentoml serve``'s workers)."""
-    return getattr(type(service), "app_factory", None) is not None
+def can_call_batched(service, instance) -> bool:
+    """Whether ``instance`` is the one BentoML started for the app of ``service`` this process serves
+    (``bentoml serve``'s workers), so that its dispatchers are ``instance``'s."""
+    factory = getattr(type(service), "app_factory", None)
+    return factory is not None and getattr(factory, "_service_instance", None) is instance
 
 
 async def call_batched(service, api_name: str, batch: list) -> list:

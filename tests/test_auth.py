@@ -156,7 +156,7 @@ def test_each_route_needs_its_permission_and_probes_none():
     assert status == 403 and b"lacks the 'feedback' permission" in body and b"key:web" in body
     assert asyncio.run(_call(middleware, "/classify", {b"x-api-key": b"writer"}))[0] == 403
     assert asyncio.run(_call(middleware, "/feedback", {b"x-api-key": b"writer"}))[0] == 200
-    for open_path in ("/readyz", "/metrics", "/internal/forward-pass", "/docs.json"):
+    for open_path in ("/readyz", "/metrics", "/docs.json"):
         assert asyncio.run(_call(middleware, open_path, {}))[0] == 200, open_path
     # Another service of the same bento, over BentoML's Unix socket: no credentials needed.
     status, _, principal = asyncio.run(_call(middleware, "/classify", {}, {"server": ("/tmp/ctt.sock", None),

@@ -147,10 +147,11 @@ def test_call_batched_merges_concurrent_calls_in_bentoml_s_dispatcher_without_ht
     from starlette.testclient import TestClient
 
     bentoml_internals.serve_inside(Batched, lambda app: app)
-    assert not bentoml_internals.can_call_batched(Batched)
     app = Batched.to_asgi()
-    assert bentoml_internals.can_call_batched(Batched)
     with TestClient(app):  # runs the app's startup: the service instance
+        assert bentoml_internals.can_call_batched(Batched, bentoml.get_current_service())
+        # Another instance (a local one, or one of an app built earlier) has no dispatcher here.
+        assert not bentoml_internals.can_call_batched(Batched, Batched.inner())
         async def calls():
             import httpx
 

@@ -8,8 +8,8 @@ requests, of any mix of tasks, into shared passes (and records
 API does (model/bentoml_internals.py ``call_batched``: through ``self.to_async`` every call would
 cross the worker's whole HTTP stack a second time). The call carries one unguessable ticket per
 item, not the items: ``/classify`` leaves them in this worker's ``Tickets`` and the forward pass
-looks them up, so the API's public route (every BentoML API has one) takes tickets that only this
-worker issued and is inert for anyone else.
+looks them up. The HTTP route BentoML gives the forward pass, as every API, answers 404
+(model/serving/routes.py): nothing reaches the dispatcher past admission and the gate.
 
 Isolation: inside a merged batch the request boundaries are gone, so one exception would fail
 every request in it. ``ForwardPass`` catches it, re-runs the items one by one and returns an
@@ -27,9 +27,12 @@ timeout (504) ends a request that waited in the gate below for any longer.
 Turns: BentoML's dispatcher holds a lone request back for the average wait of the batches it saw
 recently (its "cork"), a figure it forgets only slowly: after a busy minute, every lone request
 would wait about one full pass with nothing else queued. ``DispatcherGate`` lets requests into
-the dispatcher only while it has no pass in flight, a pass's worth at a time in arrival order; the
-rest wait in the gate, where admission counts them. The dispatcher then never sees a request wait,
-so it never learns to hold one, and each pass takes everything that arrived during the last.
+the dispatcher only while it has no pass in flight, a pass's worth at a time in arrival order (a
+request larger than a pass takes several turns: ``through_the_gate``); the rest wait in the gate,
+where admission counts them. The dispatcher then never sees a request wait, so it never learns to
+hold one, and each pass takes what arrived during the last. The price: the gate never splits a
+request, so a pass is short when the next request does not fit in it (requests of 17 items make
+passes of 17).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from bentoml.exceptions import BentoMLException
 
 from model.serving.schemas import PassOutcome, Prediction
 
@@ -188,6 +193,26 @@ class DispatcherGate:
             room -= items
             self._inside += 1
             let_in.set_result(None)
+
+
+async def through_the_gate(gate: DispatcherGate, call: Callable[[list[str]], Awaitable[list[PassOutcome]]],
+                           tickets: list[str]) -> list[PassOutcome]:
+    """``call`` (BentoML's dispatcher) for ``tickets``, a pass's worth at a time, each in its own
+    turn at ``gate``: a request larger than a pass never makes the dispatcher split it and queue the
+    rest, which would teach it to hold again. Raises what ``call`` raises, except that BentoML's
+    dispatcher answers a caller cancelled while it waited (BentoML's request timeout, which has
+    answered 504 already) with its "overloaded" error: that is a cancellation, not a refusal."""
+    outcomes: list[PassOutcome] = []
+    for start in range(0, len(tickets), gate.pass_items):
+        chunk = tickets[start:start + gate.pass_items]
+        try:
+            async with gate.turn(len(chunk)):
+                outcomes += await call(chunk)
+        except BentoMLException:
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError from None
+            raise
+    return outcomes
 
 
 class ForwardPass:

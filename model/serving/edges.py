@@ -11,7 +11,7 @@ From the outside in:
                      validation errors are rewritten (each problem named by its place in the body),
                      and a client's mistake is logged as one INFO line.
 ``AuthMiddleware``   who is calling and whether they may (401, 403; 503 when the credentials cannot
-                     be read); probes, metrics, docs and the ticketed forward pass are open.
+                     be read); probes, metrics and docs are open.
 ``BodyLimitMiddleware``   413 above the body limit, whether or not the length was declared.
 ``JSONOnlyMiddleware``    415 for a body that is not JSON (BentoML's internal pickle only over the
                      Unix sockets that join the services of one bento).
@@ -278,7 +278,7 @@ def complete_openapi(document: dict, apis: dict, error_statuses: dict[str, tuple
     """BentoML's OpenAPI document with what it cannot declare itself: every error our routes
     answer, with its body (``ErrorBody``); the POST form of the read-only routes (BentoML's document
     keeps only the GET of a path that both an API and a mounted route serve); the service's routes
-    in one group. ``apis``: BentoML's API methods by name (their input and output models are
+    in one group; no path the service answers 404. ``apis``: BentoML's API methods by name (their input and output models are
     components of the document already); ``error_statuses``: per path, the error statuses it answers."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -286,6 +286,8 @@ def complete_openapi(document: dict, apis: dict, error_statuses: dict[str, tuple
     schemas["ErrorBody"] = error_schema
     group = next((tag["name"] for tag in document.get("tags", []) if isinstance(tag, dict)), None)
     paths = document.setdefault("paths", {})
+    for path in [path for path in paths if not is_served(path)]:
+        del paths[path]  # declared for BentoML (the forward pass), answered 404
     for api in apis.values():
         if api.route in READ_ONLY_PATHS and "post" not in paths.get(api.route, {}):
             body, answer = (f"#/components/schemas/{spec.__name__}" for spec in (api.input_spec, api.output_spec))
