@@ -135,7 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CTT_MAX_WAIT_S", "max_wait_s", "5",
             "a request is refused at once (503 with Retry-After) when the wait its worker predicts for it (the items "
             "the worker holds times the measured seconds per item) is above this many seconds; 5 s admits a burst of "
-            "256 single texts on an idle 2-worker pod (about 2 s of work at 59 texts/s per MiniLM worker in int8: "
+            "256 single texts on an idle 2-worker pod (about 1.3 s of work at 98 texts/s per MiniLM worker in int8: "
             "`benchmarks/peers.py`) and keeps admitted requests well inside the 30 s request timeout "
             "(`benchmarks/overload.py` measures it)", _seconds(0.01, 25)),
     Setting("CTT_RETRY_AFTER_S", "retry_after_s", "1", "Retry-After of every 503", _whole(1, 3600)),
