@@ -140,8 +140,8 @@ class Admission:
 
 class DispatcherGate:
     """Lets requests into BentoML's dispatcher only while none is in it, in arrival order, up to
-    ``pass_items`` items at a time (a request larger than that goes in alone: the dispatcher splits
-    it over passes). One per worker, used from its event loop."""
+    ``pass_items`` items at a time (a turn for more items than that goes in alone; ``through_the_gate``
+    never asks for one). One per worker, used from its event loop."""
 
     def __init__(self, pass_items: int):
         self.pass_items = pass_items
