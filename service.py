@@ -317,7 +317,7 @@ class CTT:
         try:
             outcomes = await through_the_gate(self.gate, self._through_dispatcher, tickets)
         except BentoMLException as exc:
-            if int(exc.error_code) not in (429, 503):
+            if int(exc.error_code) != 503:
                 logger.error(f"the forward pass call failed: {type(exc).__name__} {int(exc.error_code)}")
                 return error(500, "the forward pass failed; the service log has the reason")
             # BentoML's dispatcher put this request beyond max_latency_ms (the backstop): shed like

@@ -383,8 +383,6 @@ def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 
             draws[kind]["pooled"].append(ece_of(torch.cat([row[kind][0][pick] for row, pick in zip(rows, picks)]),
                                                 torch.cat([row[kind][1][pick] for row, pick in zip(rows, picks)])))
 
-    interval = bootstrap_interval
-
     pooled = {kind: ece_of(torch.cat([row[kind][0] for row in rows]), torch.cat([row[kind][1] for row in rows]))
               for kind in kinds}
     floors = [ece_floor(row["after"][0], draws=100) for row in rows]
@@ -401,8 +399,8 @@ def calibration_table(extra: list[dict], tasks, samples: int = 500, seed: int = 
                    / max(1, sum(int((row[kind][1] == 0).sum()) for row in rows)) for kind in ("before", "after")}
     return {"by_task": by_task,
             "mean": {kind: {"ece": sum(per_row[kind]) / len(rows),
-                            "interval": interval(sum(per_row[kind]) / len(rows), draws[kind]["mean"])} for kind in kinds},
-            "pooled": {kind: {"ece": pooled[kind], "interval": interval(pooled[kind], draws[kind]["pooled"])}
+                            "interval": bootstrap_interval(sum(per_row[kind]) / len(rows), draws[kind]["mean"])} for kind in kinds},
+            "pooled": {kind: {"ece": pooled[kind], "interval": bootstrap_interval(pooled[kind], draws[kind]["pooled"])}
                        for kind in kinds},
             "floor": {"mean": sum(floors) / len(floors),
                       "pooled": ece_floor(torch.cat([row["after"][0] for row in rows]), draws=50)},

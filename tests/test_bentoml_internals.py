@@ -215,6 +215,46 @@ def test_bentoml_s_dispatcher_learns_to_hold_lone_requests_after_load_unless_the
     assert gated < pass_s / 20, gated
 
 
+def test_a_request_cancelled_inside_bentoml_s_dispatcher_is_cancelled_not_shed():
+    """BentoML's request timeout cancels the handler (and answers 504 itself); BentoML's dispatcher
+    turns that cancellation into its "overloaded" error, which must not be counted as shedding."""
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+    from bentoml.exceptions import ServiceUnavailable
+
+    from model.serving.batching import DispatcherGate, through_the_gate
+
+    async def scenario():
+        def overloaded():
+            raise ServiceUnavailable("process is overloaded")  # what BentoML's app gives its dispatchers
+
+        dispatcher = CorkDispatcher(max_latency_in_ms=60_000, max_batch_size=32, fallback=overloaded,
+                                    get_batch_size=len)
+        in_pass, finish = asyncio.Event(), asyncio.Event()
+
+        async def held_pass(calls):
+            in_pass.set()
+            await finish.wait()
+            return list(calls)
+
+        call = dispatcher(held_pass)
+        gate = DispatcherGate(pass_items=32)
+        first = asyncio.create_task(through_the_gate(gate, call, ["a"]))
+        await in_pass.wait()
+        second = asyncio.create_task(through_the_gate(gate, call, ["b"]))
+        while not gate.waiting:
+            await asyncio.sleep(0)
+        first.cancel()  # inside the dispatcher, its pass running
+        second.cancel()  # waiting at the gate
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        finish.set()
+        dispatcher.shutdown()
+        return results, gate
+
+    results, gate = asyncio.run(scenario())
+    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+    assert gate.inside == 0 and gate.waiting == 0
+
+
 def test_bentoml_reports_api_exceptions_on_the_logger_we_filter():
     from bentoml._internal.server import http_app
     from starlette.requests import Request

@@ -264,41 +264,6 @@ def test_a_request_larger_than_a_pass_goes_through_the_gate_a_pass_at_a_time():
     assert outcomes == [f"outcome of {ticket}" for ticket in tickets]
 
 
-def test_a_request_cancelled_inside_bentoml_s_dispatcher_is_cancelled_not_shed():
-    """BentoML's request timeout cancels the handler (and answers 504 itself); BentoML's dispatcher
-    turns that cancellation into its "overloaded" error, which must not be counted as shedding."""
-    from bentoml._internal.marshal.dispatcher import CorkDispatcher
-    from bentoml.exceptions import ServiceUnavailable
-
-    from model.serving.batching import DispatcherGate, through_the_gate
-
-    async def scenario():
-        def overloaded():
-            raise ServiceUnavailable("process is overloaded")  # what BentoML's app gives its dispatchers
-
-        dispatcher = CorkDispatcher(max_latency_in_ms=60_000, max_batch_size=32, fallback=overloaded,
-                                    get_batch_size=len)
-
-        async def slow_pass(calls):
-            await asyncio.sleep(0.5)
-            return list(calls)
-
-        call = dispatcher(slow_pass)
-        gate = DispatcherGate(pass_items=32)
-        first = asyncio.create_task(through_the_gate(gate, call, ["a"]))
-        second = asyncio.create_task(through_the_gate(gate, call, ["b"]))
-        await asyncio.sleep(0.1)
-        first.cancel()  # inside the dispatcher
-        second.cancel()  # waiting at the gate
-        results = await asyncio.gather(first, second, return_exceptions=True)
-        dispatcher.shutdown()
-        return results, gate
-
-    results, gate = asyncio.run(scenario())
-    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
-    assert gate.inside == 0 and gate.waiting == 0
-
-
 def test_tickets_only_redeem_what_this_worker_issued():
     from model.serving.batching import Tickets
 

@@ -278,8 +278,9 @@ def complete_openapi(document: dict, apis: dict, error_statuses: dict[str, tuple
     """BentoML's OpenAPI document with what it cannot declare itself: every error our routes
     answer, with its body (``ErrorBody``); the POST form of the read-only routes (BentoML's document
     keeps only the GET of a path that both an API and a mounted route serve); the service's routes
-    in one group; no path the service answers 404. ``apis``: BentoML's API methods by name (their input and output models are
-    components of the document already); ``error_statuses``: per path, the error statuses it answers."""
+    in one group; no path the service answers 404. ``apis``: BentoML's API methods by name (their
+    input and output models are components of the document already); ``error_statuses``: per path,
+    the error statuses it answers."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(error_schema.pop("$defs", {}))
